@@ -1,0 +1,449 @@
+"""Spawning, signalling and reaping of run processes.
+
+This is the only module that starts or signals OS processes. Every run leads
+its own session and process group (`start_new_session=True`), so a Ctrl-C
+typed at the daemon's terminal never reaches it, and stopping a run signals
+the whole group: the stop signal, then SIGKILL after the grace period, then
+SIGKILL once more after the leader is reaped, because a grandchild that
+ignores the stop signal outlives its leader otherwise.
+
+A run is over when its leader has exited *and* its process group is empty.
+The end of the leader is detected with `wait()` (a pidfd), never with EOF on
+its pipes, since a grandchild can hold them open. The group has no event to
+wait on, so emptiness is polled with `killpg(pgid, 0)`, but only during the
+bounded clean-up after the leader has exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from supervisor.errors import SpawnError
+from supervisor.logs import LineSplitter
+from supervisor.model import RunRecord, Stream
+
+logger = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 64 * 1024
+# How often group emptiness is checked while a stop or clean-up waits.
+GROUP_POLL_SECONDS = 0.02
+# After SIGKILL a group should vanish at once; a process stuck in
+# uninterruptible sleep (D state) can delay it, so give up waiting after this.
+KILLED_GROUP_WAIT_SECONDS = 5.0
+# Output that a dead run's grandchildren may still hold in the pipes is read
+# for at most this long after the group is gone.
+PIPE_DRAIN_SECONDS = 0.5
+
+# Loader variables that a PyInstaller executable changes for itself. Its
+# bootloader keeps the user's value in NAME_ORIG (PyInstaller 6 docs,
+# "Run-time information"); children get that value back, or none at all.
+FROZEN_LOADER_VARIABLES = ("LD_LIBRARY_PATH", "LIBPATH", "DYLD_LIBRARY_PATH")
+
+OutputCallback = Callable[[Stream, list[str], float], None]
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a process ended: an exit code, or the signal that killed it."""
+
+    exit_code: int | None
+    signal: int | None
+
+    @classmethod
+    def from_returncode(cls, returncode: int) -> ExitStatus:
+        if returncode < 0:
+            return cls(exit_code=None, signal=-returncode)
+        return cls(exit_code=returncode, signal=None)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        return f"exit code {self.exit_code}"
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What to run: `command` is split like a shell word list, not run by a
+    shell, and a relative program path resolves against `cwd`."""
+
+    command: str
+    cwd: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """Build a child's environment: the daemon's, plus `extra`.
+
+    In a frozen executable the loader variables are restored to the values
+    the user had before the bootloader changed them, and removed when the
+    user had none.
+    """
+    env = dict(os.environ)
+    if getattr(sys, "frozen", False):
+        for name in FROZEN_LOADER_VARIABLES:
+            original = env.pop(f"{name}_ORIG", None)
+            if original is None:
+                env.pop(name, None)
+            else:
+                env[name] = original
+    env.update(extra)
+    return env
+
+
+def resolve_argv(spec: ProcessSpec) -> list[str]:
+    """Split the command and check that its program can be started.
+
+    Raises SpawnError when the folder or the program is missing or the
+    program is not executable, so the run fails with a reason instead of an
+    opaque exec error.
+    """
+    if not spec.cwd.is_dir():
+        raise SpawnError(
+            f"The project folder {str(spec.cwd)!r} does not exist. "
+            "Create it or fix 'path' in the config."
+        )
+    try:
+        argv = shlex.split(spec.command)
+    except ValueError as error:
+        raise SpawnError(f"Cannot parse command {spec.command!r}: {error}.") from None
+    if not argv:
+        raise SpawnError("The command is empty. Set 'command' in the config.")
+
+    program = argv[0]
+    if "/" in program:
+        path = Path(program) if os.path.isabs(program) else spec.cwd / program
+        if not path.exists():
+            raise SpawnError(
+                f"{program!r} does not exist in {str(spec.cwd)!r}. "
+                "Create it or fix 'command' in the config."
+            )
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise SpawnError(
+                f"{program!r} in {str(spec.cwd)!r} is not executable. "
+                f"Run 'chmod +x {program}'."
+            )
+    return argv
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to a process group. Return False when the group is empty."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # A member changed its credentials (setuid program). It can no longer
+        # be signalled by us; treat the group as still present.
+        logger.warning("no permission to signal process group %d", pgid)
+    return True
+
+
+def reap_group(pgid: int) -> None:
+    """Reap exited members of a group that were re-parented to this process.
+
+    Only members adopted through the child subreaper flag are ours to reap.
+    Call this only after the group's leader has been reaped by its owner, so
+    its exit status cannot be taken away from it here.
+    """
+    while True:
+        try:
+            result = os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            return
+        if result is None:
+            return
+
+
+def group_exists(pgid: int) -> bool:
+    """Return whether the group has a member that has not exited.
+
+    A zombie still counts for `killpg`, and one whose new parent reaps slowly
+    (an init that reaps once a second, say) would delay every stop, so when
+    `killpg` finds members, /proc tells whether any of them is alive.
+    """
+    reap_group(pgid)
+    if not signal_group(pgid, 0):
+        return False
+    return bool(_live_group_members(pgid))
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        # The command name in brackets may contain spaces; fields follow the
+        # last ')': state, ppid, pgrp, ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry.name))
+    return members
+
+
+async def wait_group_empty(pgid: int) -> None:
+    while group_exists(pgid):
+        await trio.sleep(GROUP_POLL_SECONDS)
+
+
+async def end_group(pgid: int, sig: int, timeout: float) -> bool:
+    """Stop whatever is left of a group: `sig`, then SIGKILL after `timeout`.
+
+    Return True when SIGKILL was needed.
+    """
+    if not group_exists(pgid):
+        return False
+    signal_group(pgid, sig)
+    with trio.move_on_after(timeout):
+        await wait_group_empty(pgid)
+        return False
+    signal_group(pgid, signal.SIGKILL)
+    with trio.move_on_after(KILLED_GROUP_WAIT_SECONDS):
+        await wait_group_empty(pgid)
+        return True
+    logger.warning(
+        "process group %d still has members %.0f s after SIGKILL",
+        pgid,
+        KILLED_GROUP_WAIT_SECONDS,
+    )
+    return True
+
+
+class ChildProcess:
+    """A started run: its leader process and its process group."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self._process = process
+        self.pid = process.pid
+        self.started_at = trio.current_time()
+        self.ended_at: float | None = None
+        self.killed = False
+        self.exit_status: ExitStatus | None = None
+
+    @property
+    def uptime(self) -> float:
+        """Seconds the leader lived, or has lived so far (monotonic clock)."""
+        end = self.ended_at if self.ended_at is not None else trio.current_time()
+        return end - self.started_at
+
+    async def wait(self) -> ExitStatus:
+        """Wait for the leader to exit."""
+        returncode = await self._process.wait()
+        if self.ended_at is None:
+            self.ended_at = trio.current_time()
+        self.exit_status = ExitStatus.from_returncode(returncode)
+        return self.exit_status
+
+    def send_signal(self, sig: int) -> None:
+        signal_group(self.pid, sig)
+
+    async def stop(self, sig: int, timeout: float) -> ExitStatus:
+        """Stop the whole group: `sig`, SIGKILL after `timeout`, and a last
+        SIGKILL once the leader is reaped. Shielded, so it always finishes."""
+        with trio.CancelScope(shield=True):
+            deadline = trio.current_time() + timeout
+            signal_group(self.pid, sig)
+            with trio.move_on_at(deadline):
+                await self.wait()
+                await wait_group_empty(self.pid)
+            if group_exists(self.pid):
+                self.killed = True
+                signal_group(self.pid, signal.SIGKILL)
+            status = await self.wait()
+            await end_group(self.pid, signal.SIGKILL, KILLED_GROUP_WAIT_SECONDS)
+            return status
+
+
+async def _pump(
+    stream: trio.abc.ReceiveStream,
+    kind: Stream,
+    on_output: OutputCallback,
+    done: trio.Event,
+) -> None:
+    splitter = LineSplitter()
+    try:
+        while chunk := await stream.receive_some(READ_CHUNK_BYTES):
+            # One timestamp per read, not per line: formatting a time per line
+            # would cap throughput well below the pipe's rate.
+            lines = splitter.feed(chunk)
+            if lines:
+                on_output(kind, lines, time.time())
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        rest = splitter.finish()
+        if rest:
+            on_output(kind, rest, time.time())
+        done.set()
+
+
+@contextlib.asynccontextmanager
+async def open_process(
+    spec: ProcessSpec,
+    on_output: OutputCallback,
+    *,
+    stop_signal: int = signal.SIGTERM,
+    stop_timeout: float = 10.0,
+) -> AsyncIterator[ChildProcess]:
+    """Start a run and yield it; on leaving, make sure it is over.
+
+    Leaving the block (normally, by an error or by cancellation) stops the
+    leader if it is still running, ends the rest of its process group with
+    the same signal and grace period, and drains the pipes, all in a shielded
+    scope. Output lines are passed to `on_output(stream, lines, epoch)`.
+
+    Raises SpawnError when the run cannot be started.
+    """
+    argv = resolve_argv(spec)
+    try:
+        process = await trio.lowlevel.open_process(
+            argv,
+            cwd=str(spec.cwd),
+            env=dict(spec.env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno == errno.ENOEXEC:
+            reason = "exec format error (is the first line a valid '#!' line?)"
+        raise SpawnError(f"Cannot start {argv[0]!r}: {reason}.") from None
+
+    child = ChildProcess(process)
+    assert process.stdout is not None
+    assert process.stderr is not None
+    pumps_done = (trio.Event(), trio.Event())
+    async with trio.open_nursery() as pumps:
+        pumps.start_soon(_pump, process.stdout, Stream.OUT, on_output, pumps_done[0])
+        pumps.start_soon(_pump, process.stderr, Stream.ERR, on_output, pumps_done[1])
+        try:
+            yield child
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    await child.stop(stop_signal, stop_timeout)
+                elif await end_group(child.pid, stop_signal, stop_timeout):
+                    child.killed = True
+                # EOF comes once every holder of the pipes is gone; a process
+                # that left the group with setsid may keep them open forever.
+                with trio.move_on_after(PIPE_DRAIN_SECONDS):
+                    for done in pumps_done:
+                        await done.wait()
+                pumps.cancel_scope.cancel()
+                await process.stdout.aclose()
+                await process.stderr.aclose()
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its descendants (Linux).
+
+    Orphaned grandchildren of runs, including those that left their group
+    with setsid, are then re-parented to the daemon instead of init, so they
+    can still be found and ended. Return False where this is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    pr_set_child_subreaper = 36
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        result = libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        return False
+    return bool(result == 0)
+
+
+def find_run_processes(project: str, run_id: int) -> list[int]:
+    """Find live processes that belong to a run, wherever their group went.
+
+    Every run's processes inherit RUNVISOR_PROJECT and RUNVISOR_RUN_ID in
+    their environment, and a process that called setsid keeps them, so the
+    environment identifies them after a daemon crash. Only processes of the
+    daemon's own user are readable, which are the only ones it may signal.
+    """
+    markers = {
+        f"RUNVISOR_PROJECT={project}".encode(),
+        f"RUNVISOR_RUN_ID={run_id}".encode(),
+    }
+    found: list[int] = []
+    own_pid = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == own_pid:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as file:
+                variables = set(file.read().split(b"\0"))
+        except OSError:
+            continue
+        if markers <= variables:
+            found.append(int(entry.name))
+    return found
+
+
+async def end_processes(pids: list[int], timeout: float = 5.0) -> None:
+    """SIGTERM each process, then SIGKILL whatever is left after `timeout`."""
+
+    def alive() -> list[int]:
+        living = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                pass
+            living.append(pid)
+        return living
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    with trio.move_on_after(timeout):
+        while alive():
+            await trio.sleep(GROUP_POLL_SECONDS)
+        return
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def end_lost_run(record: RunRecord) -> None:
+    """End every process left by a run whose daemon died while it ran.
+
+    Such processes are no children of this daemon, so they need no reaping.
+    """
+    project = record.project
+    run_id = record.id
+    pids = find_run_processes(project, run_id)
+    if pids:
+        logger.warning(
+            "ending %d leftover processes of lost run: project=%s run=%d pids=%s",
+            len(pids),
+            project,
+            run_id,
+            ",".join(map(str, pids)),
+        )
+        await end_processes(pids)

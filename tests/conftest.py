@@ -1,0 +1,26 @@
+"""Fixtures shared by the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from .helpers import marked_pids
+
+# Prefixes of marker names (exec -a) used by the tests; anything left alive
+# after a test is a leak that the test itself should have prevented.
+MARKER_PREFIXES = ("t0", "t1", "e2e-", "f0", "f1", "f2")
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    yield
+    leftovers = [pid for prefix in MARKER_PREFIXES for pid in marked_pids(prefix)]
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], f"processes left running by the test: {leftovers}"

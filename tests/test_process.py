@@ -1,0 +1,216 @@
+"""Real child processes: spawning, output pumping, group stop and clean-up."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from supervisor import process
+from supervisor.errors import SpawnError
+from supervisor.model import Stream
+from supervisor.process import ProcessSpec, open_process
+
+from .helpers import marked_pids, write_script
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.lines: list[tuple[Stream, str]] = []
+
+    def __call__(self, stream: Stream, lines: list[str], at: float) -> None:
+        self.lines.extend((stream, line) for line in lines)
+
+    def text(self, stream: Stream) -> list[str]:
+        return [line for kind, line in self.lines if kind == stream]
+
+
+def spec_for(folder: Path, command: str = "./run.sh") -> ProcessSpec:
+    return ProcessSpec(command=command, cwd=folder, env=process.child_environment({}))
+
+
+async def test_output_lines_keep_their_stream(tmp_path: Path) -> None:
+    write_script(
+        tmp_path,
+        """
+        printf 'ab'; sleep 0.2; printf 'cd\\n'
+        printf 'out-'; echo 'err-line' >&2; sleep 0.1; echo 'rest'
+        printf 'no-newline-at-end'
+        """,
+    )
+    output = Collector()
+    async with open_process(spec_for(tmp_path), output) as child:
+        status = await child.wait()
+    assert status.exit_code == 0
+    assert output.text(Stream.OUT) == ["abcd", "out-rest", "no-newline-at-end"]
+    assert output.text(Stream.ERR) == ["err-line"]
+
+
+async def test_run_gets_its_own_process_group(tmp_path: Path) -> None:
+    write_script(tmp_path, "ps -o pgid= -p $$; ps -o sid= -p $$")
+    output = Collector()
+    async with open_process(spec_for(tmp_path), output) as child:
+        await child.wait()
+    pgid, sid = (int(line) for line in output.text(Stream.OUT))
+    assert pgid == child.pid
+    assert sid == child.pid
+    assert pgid != os.getpgid(0)
+
+
+async def test_stop_ends_grandchildren_and_pipelines(tmp_path: Path) -> None:
+    write_script(
+        tmp_path,
+        """
+        (exec -a t01-bg sleep 1000) &
+        (exec -a t01-pipe-a sleep 1000) | (exec -a t01-pipe-b cat) &
+        wait
+        """,
+    )
+    async with open_process(spec_for(tmp_path), Collector()) as child:
+        with trio.fail_after(5):
+            while len(marked_pids("t01-")) < 3:
+                await trio.sleep(0.02)
+        status = await child.stop(signal.SIGTERM, 3.0)
+    assert status.signal == signal.SIGTERM
+    assert not child.killed
+    assert marked_pids("t01-") == []
+
+
+async def test_stop_kills_deaf_group_after_timeout(tmp_path: Path) -> None:
+    write_script(
+        tmp_path,
+        """
+        trap '' TERM INT HUP
+        exec -a t02-deaf bash -c 'trap "" TERM; while :; do echo tick; sleep 0.05; done'
+        """,
+    )
+    output = Collector()
+    async with open_process(spec_for(tmp_path), output) as child:
+        with trio.fail_after(5):
+            while not output.text(Stream.OUT):
+                await trio.sleep(0.02)
+        began = time.monotonic()
+        status = await child.stop(signal.SIGTERM, 0.6)
+        elapsed = time.monotonic() - began
+    assert child.killed
+    assert status.signal == signal.SIGKILL
+    assert 0.55 <= elapsed < 1.5
+    assert marked_pids("t02-") == []
+
+
+async def test_grandchild_ignoring_term_outlives_leader_until_kill(
+    tmp_path: Path,
+) -> None:
+    write_script(
+        tmp_path,
+        """
+        (trap '' TERM; exec -a t03-stubborn sleep 1000) &
+        sleep 1000
+        """,
+    )
+    async with open_process(spec_for(tmp_path), Collector()) as child:
+        with trio.fail_after(5):
+            while not marked_pids("t03-"):
+                await trio.sleep(0.02)
+        await child.stop(signal.SIGTERM, 0.5)
+    assert marked_pids("t03-") == []
+
+
+async def test_leftover_group_members_end_with_the_run(tmp_path: Path) -> None:
+    write_script(tmp_path, "(exec -a t04-left sleep 1000) &\necho started")
+    async with open_process(spec_for(tmp_path), Collector(), stop_timeout=1.0) as child:
+        status = await child.wait()
+    assert status.exit_code == 0
+    assert marked_pids("t04-") == []
+
+
+async def test_grandchild_holding_pipes_does_not_hang_the_run(tmp_path: Path) -> None:
+    # setsid moves the grandchild out of the group, so only the pipe drain
+    # timeout can end the output pumps.
+    write_script(tmp_path, "setsid bash -c 'exec -a t05-holder sleep 30' &\necho bye")
+    output = Collector()
+    try:
+        with trio.fail_after(5):
+            async with open_process(spec_for(tmp_path), output) as child:
+                status = await child.wait()
+        assert status.exit_code == 0
+        assert output.text(Stream.OUT) == ["bye"]
+    finally:
+        for pid in marked_pids("t05-"):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_cancellation_stops_the_run(tmp_path: Path) -> None:
+    write_script(tmp_path, "exec -a t06-sleeper sleep 1000")
+    with trio.move_on_after(0.3):
+        async with open_process(
+            spec_for(tmp_path), Collector(), stop_timeout=1.0
+        ) as child:
+            await child.wait()
+    assert child.exit_status is not None
+    assert child.exit_status.signal == signal.SIGTERM
+    assert marked_pids("t06-") == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing-folder", "does not exist. Create it"),
+        ("missing-script", "'./run.sh' does not exist"),
+        ("not-executable", "is not executable. Run 'chmod +x ./run.sh'"),
+        ("bad-shebang", "Cannot start './run.sh'"),
+    ],
+)
+async def test_spawn_errors_name_the_problem(
+    tmp_path: Path, setup: str, message: str
+) -> None:
+    folder = tmp_path / "project"
+    if setup != "missing-folder":
+        folder.mkdir()
+    if setup == "not-executable":
+        (folder / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    if setup == "bad-shebang":
+        (folder / "run.sh").write_text("#!/no/such/interpreter\necho hi\n")
+        (folder / "run.sh").chmod(0o755)
+    with pytest.raises(SpawnError, match=re.escape(message)):
+        async with open_process(spec_for(folder), Collector()):
+            pass
+
+
+def test_frozen_children_get_the_original_loader_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stands in for a PyInstaller bootloader, which sets these variables.
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/tmp/_MEI123")
+    monkeypatch.setenv("LD_LIBRARY_PATH_ORIG", "/opt/lib")
+    monkeypatch.setenv("DYLD_LIBRARY_PATH", "/tmp/_MEI123")
+    monkeypatch.delenv("DYLD_LIBRARY_PATH_ORIG", raising=False)
+    env = process.child_environment({"EXTRA": "1"})
+    assert env["LD_LIBRARY_PATH"] == "/opt/lib"
+    assert "LD_LIBRARY_PATH_ORIG" not in env
+    assert "DYLD_LIBRARY_PATH" not in env
+    assert env["EXTRA"] == "1"
+
+
+async def test_find_run_processes_by_environment(tmp_path: Path) -> None:
+    write_script(tmp_path, "exec -a t07-found sleep 1000")
+    env = process.child_environment(
+        {"RUNVISOR_PROJECT": "finder", "RUNVISOR_RUN_ID": "987654"}
+    )
+    spec = ProcessSpec(command="./run.sh", cwd=tmp_path, env=env)
+    async with open_process(spec, Collector(), stop_timeout=1.0) as child:
+        with trio.fail_after(5):
+            while not marked_pids("t07-"):
+                await trio.sleep(0.02)
+        assert process.find_run_processes("finder", 987654) == [child.pid]
+        assert process.find_run_processes("finder", 1) == []
+        await process.end_processes([child.pid], timeout=1.0)
+        status = await child.wait()
+    assert status.signal == signal.SIGTERM
