@@ -1,0 +1,255 @@
+"""runvisor from the project's virtual environment.
+
+`runvisor serve --config PATH` runs the daemon in the foreground, logging to
+stderr. Logs are files under `<data_dir>/logs/<project>/<run_id>.log`, one
+line per output line after a time stamp and the stream name. Commands that
+need the control socket (`stop`, `restart`, `trigger`, live `status`) are
+used when the installed CLI has them, and `missing_feature` says which are
+absent, so scenarios that need them are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import procs
+from bench.peers.base import BENCH_DIR, REPO_DIR, Peer, PeerMissing, Project, Settings
+
+
+def _find_cli() -> Path:
+    """Locate the `runvisor` command: $RUNVISOR_BIN, the repository's .venv,
+    or the one installed beside the Python running the benchmark."""
+    override = os.environ.get("RUNVISOR_BIN")
+    if override:
+        return Path(override)
+    for candidate in (
+        REPO_DIR / ".venv" / "bin" / "runvisor",
+        Path(sys.executable).parent / "runvisor",
+    ):
+        if candidate.exists():
+            return candidate
+    found = shutil.which("runvisor")
+    return Path(found) if found else REPO_DIR / ".venv" / "bin" / "runvisor"
+
+
+CLI = _find_cli()
+# The Python that has the runvisor package, for the round-trip client.
+VENV_PYTHON = CLI.parent / "python"
+ROUNDTRIP = BENCH_DIR / "roundtrip.py"
+
+# runvisor's backoff.initial must be greater than 0; 1 ms is its smallest
+# restart delay in practice.
+FAST_BACKOFF = "1ms"
+
+
+@functools.cache
+def cli_commands() -> frozenset[str]:
+    """Return the subcommands the installed `runvisor` CLI offers."""
+    if not CLI.exists():
+        return frozenset()
+    out = subprocess.run([CLI, "--help"], capture_output=True, text=True, timeout=60)
+    # argparse lists each subcommand on its own line, indented by 4 spaces.
+    return frozenset(re.findall(r"^ {4}([a-z][a-z-]*)\b", out.stdout, re.MULTILINE))
+
+
+def _toml_string(value: str) -> str:
+    return json.dumps(value)
+
+
+class Runvisor(Peer):
+    name = "runvisor"
+    counted = "the `runvisor serve` process"
+    features = frozenset({"schedule"})
+
+    @classmethod
+    def version(cls) -> str:
+        if "serve" not in cli_commands():
+            raise PeerMissing(f"the runvisor CLI at {CLI} has no serve command yet")
+        out = subprocess.run(
+            [CLI, "--version"], capture_output=True, text=True, timeout=60
+        )
+        commit = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "log", "-1", "--format=%h"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        return f"{out.stdout.strip()} (commit {commit}, working tree)"
+
+    @classmethod
+    def missing_feature(cls, feature: str) -> str | None:
+        commands = cli_commands()
+        needs = {
+            "schedule": set(),
+            "stop": {"stop", "restart"},
+            "control": {"stop"},
+        }.get(feature)
+        if needs is None:
+            return f"runvisor has no {feature} feature"
+        absent = sorted(needs - commands)
+        if absent:
+            return f"the runvisor CLI has no {', '.join(absent)} command yet"
+        if (
+            feature == "control"
+            and not (REPO_DIR / "supervisor" / "control.py").exists()
+        ):
+            return "runvisor has no control client (supervisor/control.py) yet"
+        return None
+
+    @property
+    def _config(self) -> Path:
+        return self.ws.root / "runvisor.toml"
+
+    @property
+    def _data_dir(self) -> Path:
+        return self.ws.root / "rvdata"
+
+    @property
+    def _socket(self) -> Path:
+        return self._data_dir / "control.sock"
+
+    def write_config(self, projects: list[Project], settings: Settings) -> None:
+        self.settings = settings
+        self.projects = projects
+        lines = [
+            "[runvisor]",
+            f"data_dir = {_toml_string(str(self._data_dir))}",
+            f"socket = {_toml_string(str(self._socket))}",
+            # No rotation within a run (a 0 size is rejected), like the
+            # peers' logs, so every line stays in one file.
+            'log_max_bytes = "4GiB"',
+            'log_level = "info"',
+            "",
+            "[credentials]",
+            'backend = "file"',
+        ]
+        for p in projects:
+            lines += [
+                "",
+                f"[projects.{p.name}]",
+                f"path = {_toml_string(str(p.folder))}",
+                f"trigger = {_toml_string(p.trigger)}",
+                f"stop_timeout = {settings.stop_timeout:g}",
+            ]
+            if p.trigger == "schedule":
+                lines.append(f"cron = {_toml_string(p.cron or '')}")
+            if p.trigger == "always_running":
+                lines += [
+                    f"restart = {_toml_string('always' if p.restart else 'never')}",
+                    f"start_seconds = {settings.start_seconds:g}",
+                    # Scenarios kill children on purpose; the flap limit
+                    # must not turn the project fatal meanwhile.
+                    "restart_limit = 1000",
+                ]
+                if settings.fast_restart:
+                    lines += [
+                        f"[projects.{p.name}.backoff]",
+                        f"initial = {_toml_string(FAST_BACKOFF)}",
+                    ]
+        self._config.write_text("\n".join(lines) + "\n")
+
+    def start_daemon(self) -> None:
+        self._stderr_path = self.ws.root / "runvisor.stderr"
+        self.daemon = subprocess.Popen(
+            [CLI, "--config", self._config, "serve"],
+            env=self.env,
+            cwd=self.ws.root,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self._stderr_path, "wb"),  # noqa: SIM115
+        )
+        procs.wait_for(self._ready, 120, "runvisor to report it is running", 0.01)
+
+    def _ready(self) -> bool:
+        if self.daemon is not None and self.daemon.poll() is not None:
+            raise RuntimeError(
+                f"runvisor serve exited with {self.daemon.returncode}: "
+                f"{self._stderr_path.read_text()[-2000:]}"
+            )
+        return b" running: config=" in self._stderr_path.read_bytes()
+
+    def daemon_pids(self) -> list[int]:
+        return [self.daemon.pid] if self.daemon is not None else []
+
+    def _cli(
+        self, *args: str, timeout: float = 60, check: bool = True
+    ) -> procs.CommandResult:
+        return self.run_cli(
+            [str(CLI), "--config", str(self._config), *args], timeout, check
+        )
+
+    def stop_projects(self, names: list[str]) -> None:
+        reason = self.missing_feature("stop")
+        if reason:
+            raise PeerMissing(reason)
+        # One request per project, all at once, as a user's script would.
+        commands = [
+            subprocess.Popen(
+                [CLI, "--config", self._config, "stop", name],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for name in names
+        ]
+        for name, command in zip(names, commands, strict=True):
+            _, err = command.communicate(timeout=120)
+            if command.returncode != 0:
+                raise RuntimeError(
+                    f"runvisor stop {name} failed: {err.decode().strip()}"
+                )
+
+    def start_projects(self, names: list[str]) -> None:
+        reason = self.missing_feature("stop")
+        if reason:
+            raise PeerMissing(reason)
+        for name in names:
+            self._cli("restart", name)
+
+    def status(self) -> dict[str, str]:
+        document = json.loads(self._cli("status", "--json").stdout)
+        rows = document if isinstance(document, list) else document.get("projects", [])
+        states = {}
+        for row in rows:
+            state = row.get("state")
+            if state is None:  # the status read from the store when no daemon answers
+                last_run = row.get("last_run") or {}
+                state = last_run.get("status", "stopped")
+            states[row["name"]] = state
+        return states
+
+    def status_argv(self, as_json: bool = False) -> list[str]:
+        argv = [str(CLI), "--config", str(self._config), "status"]
+        return [*argv, "--json"] if as_json else argv
+
+    def roundtrip_argv(self, count: int) -> list[str]:
+        reason = self.missing_feature("control")
+        if reason:
+            raise PeerMissing(reason)
+        return [
+            str(VENV_PYTHON),
+            str(ROUNDTRIP),
+            "runvisor",
+            str(self._socket),
+            str(count),
+        ]
+
+    def log_files(self, project: str) -> list[Path]:
+        folder = self._data_dir / "logs" / project
+        try:
+            files = [p for p in folder.iterdir() if p.name.endswith(".log")]
+        except FileNotFoundError:
+            return []
+        return sorted(files, key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+
+    def request_shutdown(self) -> None:
+        if self.daemon is not None:
+            self.daemon.send_signal(signal.SIGTERM)
