@@ -1,0 +1,616 @@
+"""Run history and run events in SQLite, through sqlite-utils.
+
+Two layers:
+
+- `Database` is synchronous. The CLI uses it directly when no daemon runs,
+  and `Store` calls it from worker threads. Each instance owns one
+  connection, made with `check_same_thread=False` and guarded by a lock, so
+  any one thread at a time may use it.
+- `Store` is the daemon's asynchronous facade. Writers call `put_run` and
+  `put_event`, which only append to an in-memory queue. One writer task
+  drains that queue in batches, one transaction per batch, on its own
+  connection. Reads and maintenance go through a second connection, so a
+  slow batch never holds up `history`.
+
+The file uses WAL, so readers do not wait for the writer, with
+`synchronous=NORMAL` and a busy timeout so that a second process (the CLI
+next to a running daemon) waits for the lock instead of failing at once.
+Timestamps are stored as ISO 8601 UTC text to the millisecond
+("2026-12-04T17:43:26.123Z"), which sorts in time order. Finer digits are
+truncated.
+
+The schema version is SQLite's `PRAGMA user_version`. To change the schema,
+append a function to `MIGRATIONS`: `open` applies every migration past the
+stored version inside one `BEGIN IMMEDIATE` transaction, so two processes
+opening a fresh file at the same time cannot both apply it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import sqlite_utils
+import trio
+
+from .errors import StoreError
+from .model import RunEvent, RunRecord, RunStatus
+
+logger = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+T = TypeVar("T")
+
+DEFAULT_BUSY_TIMEOUT = 5.0
+"""Seconds a statement waits for another connection's lock before failing."""
+
+MAX_BATCH_ROWS = 5000
+"""Rows the writer task commits in one transaction at most."""
+
+SHUTDOWN_WRITE_TIMEOUT = 15.0
+"""Seconds the writer keeps trying to write queued rows after cancellation."""
+
+LOST_REASON = "the daemon stopped while the run was going"
+
+
+def _migration_1_initial_schema(db: sqlite_utils.Database) -> None:
+    # AUTOINCREMENT keeps the highest id ever used in sqlite_sequence, so a
+    # run id is never reused after pruning deletes the newest rows.
+    db.execute(
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            project TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            pid INTEGER,
+            exit_code INTEGER,
+            signal INTEGER,
+            reason TEXT NOT NULL DEFAULT '',
+            fire_time TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX runs_by_project ON runs (project, id)")
+    db.execute("CREATE INDEX runs_by_status ON runs (status)")
+    db.execute(
+        """
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            project TEXT NOT NULL,
+            run_id INTEGER,
+            kind TEXT NOT NULL,
+            at TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT ''
+        )
+        """
+    )
+    db.execute("CREATE INDEX events_by_project ON events (project, id)")
+    db.execute("CREATE INDEX events_by_run ON events (run_id)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1_initial_schema,
+]
+"""Schema migrations in order. Migration N brings the schema to version N."""
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Format an aware datetime as UTC ISO 8601 text with milliseconds.
+
+    Raises ValueError for a naive datetime, whose time zone would be a guess.
+    """
+    if moment.tzinfo is None:
+        raise ValueError(
+            f"The timestamp {moment.isoformat()} has no time zone. "
+            "Pass an aware datetime, such as datetime.now(UTC)."
+        )
+    utc = moment.astimezone(UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="milliseconds") + "Z"
+
+
+def _optional_timestamp(moment: datetime | None) -> str | None:
+    return None if moment is None else format_timestamp(moment)
+
+
+def _run_row(run: RunRecord) -> Row:
+    return {
+        "id": run.id,
+        "project": run.project,
+        "trigger": str(run.trigger),
+        "status": str(run.status),
+        "started_at": format_timestamp(run.started_at),
+        "ended_at": _optional_timestamp(run.ended_at),
+        "pid": run.pid,
+        "exit_code": run.exit_code,
+        "signal": run.signal,
+        "reason": run.reason,
+        "fire_time": _optional_timestamp(run.fire_time),
+    }
+
+
+def _event_row(event: RunEvent) -> Row:
+    return {
+        "project": event.project,
+        "run_id": event.run_id,
+        "kind": event.kind,
+        "at": format_timestamp(event.at),
+        "detail": event.detail,
+    }
+
+
+class Database:
+    """One SQLite connection to the runvisor database, safe to share between
+    threads because every method holds the instance's lock. Create it with
+    `open`."""
+
+    def __init__(
+        self, db: sqlite_utils.Database, path: Path, busy_timeout: float
+    ) -> None:
+        self._db = db
+        self._lock = threading.RLock()
+        self.path = path
+        self.busy_timeout = busy_timeout
+
+    @classmethod
+    def open(
+        cls, path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    ) -> Database:
+        """Open or create the database file and bring its schema up to date.
+
+        Raises StoreError when the file cannot be created, opened or migrated.
+        """
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise _open_error(path, exc) from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            _apply_migrations(db, path)
+        except (OSError, sqlite3.Error) as exc:
+            conn.close()
+            raise _open_error(path, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(db, path, busy_timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def history(
+        self,
+        project: str | None = None,
+        *,
+        limit: int | None = 50,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+    ) -> list[RunRecord]:
+        """Return runs, newest first, optionally filtered by project, status
+        and start time (`since` inclusive). `limit=None` returns them all."""
+        sql, params = _select(
+            "runs",
+            {
+                "project = ?": project,
+                "status = ?": None if status is None else status.value,
+                "started_at >= ?": None if since is None else format_timestamp(since),
+            },
+            limit,
+        )
+        return [_to_run(row) for row in self._query(sql, params)]
+
+    def get_run(self, run_id: int) -> RunRecord | None:
+        rows = self._query("SELECT * FROM runs WHERE id = ?", [run_id])
+        return _to_run(rows[0]) if rows else None
+
+    def events(
+        self,
+        project: str | None = None,
+        run_id: int | None = None,
+        limit: int | None = 100,
+    ) -> list[RunEvent]:
+        """Return stored events, newest first, optionally filtered by project
+        and run. `limit=None` returns them all."""
+        sql, params = _select(
+            "events", {"project = ?": project, "run_id = ?": run_id}, limit
+        )
+        return [msgspec.convert(row, RunEvent) for row in self._query(sql, params)]
+
+    def last_fire_time(self, project: str) -> datetime | None:
+        """Return the latest cron fire time among the project's runs."""
+        rows = self._query(
+            "SELECT max(fire_time) AS fire_time FROM runs WHERE project = ?",
+            [project],
+        )
+        text = rows[0]["fire_time"]
+        return None if text is None else datetime.fromisoformat(text)
+
+    def last_runs(self) -> dict[str, RunRecord]:
+        """Return the newest run of each project that has one."""
+        rows = self._query(
+            "SELECT * FROM runs WHERE id IN (SELECT max(id) FROM runs GROUP BY project)"
+        )
+        return {row["project"]: _to_run(row) for row in rows}
+
+    def max_run_id(self) -> int:
+        """Return the highest run id ever stored, pruned runs included, or 0."""
+        rows = self._query(
+            "SELECT max("
+            " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'runs'), 0),"
+            " coalesce((SELECT max(id) FROM runs), 0)) AS max_id"
+        )
+        return int(rows[0]["max_id"])
+
+    def write_batch(self, runs: list[RunRecord], events: list[RunEvent]) -> None:
+        """Upsert the runs by id and insert the events, in one transaction."""
+        self._write_rows(
+            [_run_row(run) for run in runs], [_event_row(e) for e in events]
+        )
+
+    def mark_lost(self, now: datetime) -> list[RunRecord]:
+        """Mark every run still `running` as `lost`, ended at `now`.
+
+        Called at start-up, when no run of this daemon can be going yet.
+        Returns the changed runs, whose pids name process groups that may
+        still be alive.
+        """
+        ended_at = format_timestamp(now)
+        with self._lock, self._write_transaction():
+            rows = self._fetch(
+                "SELECT * FROM runs WHERE status = 'running' ORDER BY id"
+            )
+            self._db.execute(
+                "UPDATE runs SET status = ?, ended_at = ?, reason = ?"
+                " WHERE status = 'running'",
+                [RunStatus.LOST.value, ended_at, LOST_REASON],
+            )
+        lost = {
+            "status": RunStatus.LOST.value,
+            "ended_at": ended_at,
+            "reason": LOST_REASON,
+        }
+        return [_to_run(row | lost) for row in rows]
+
+    def prune(self, project: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` runs of the project, with their events.
+
+        A run that is still `running` is never deleted. Events of the project
+        that belong to no run are deleted once they are older than the oldest
+        run left. Returns the deleted run ids, oldest first, so the caller can
+        delete their log files.
+        """
+        if keep < 0:
+            raise ValueError(f"keep must be 0 or more, not {keep}.")
+        with self._lock, self._write_transaction():
+            rows = self._fetch(
+                "SELECT id FROM runs WHERE project = ? AND status != 'running'"
+                " AND id NOT IN"
+                " (SELECT id FROM runs WHERE project = ? ORDER BY id DESC LIMIT ?)"
+                " ORDER BY id",
+                [project, project, keep],
+            )
+            deleted = [int(row["id"]) for row in rows]
+            if deleted:
+                ids = msgspec.json.encode(deleted).decode()
+                self._db.execute(
+                    "DELETE FROM events"
+                    " WHERE run_id IN (SELECT value FROM json_each(?))",
+                    [ids],
+                )
+                self._db.execute(
+                    "DELETE FROM runs WHERE id IN (SELECT value FROM json_each(?))",
+                    [ids],
+                )
+            self._db.execute(
+                "DELETE FROM events WHERE project = ? AND run_id IS NULL"
+                " AND at < (SELECT min(started_at) FROM runs WHERE project = ?)",
+                [project, project],
+            )
+        return deleted
+
+    def _write_rows(self, run_rows: list[Row], event_rows: list[Row]) -> None:
+        with self._lock, self._write_transaction():
+            if run_rows:
+                self._db.table("runs").upsert_all(run_rows, pk="id")
+            if event_rows:
+                self._db.table("events").insert_all(event_rows)
+
+    @contextmanager
+    def _write_transaction(self) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front, waiting up to the busy
+        # timeout. A deferred transaction that reads first and then writes can
+        # fail at once with SQLITE_BUSY when another connection wrote between.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.rollback()
+            raise
+        self._db.commit()
+
+    def _query(self, sql: str, params: list[Any] | None = None) -> list[Row]:
+        with self._lock:
+            return self._fetch(sql, params)
+
+    def _fetch(self, sql: str, params: list[Any] | None = None) -> list[Row]:
+        return list(self._db.query(sql, params or []))
+
+
+def _select(
+    table: str, filters: dict[str, Any], limit: int | None
+) -> tuple[str, list[Any]]:
+    """Build a newest-first SELECT whose filters with a value of None are left
+    out."""
+    conditions = [
+        condition for condition, value in filters.items() if value is not None
+    ]
+    params = [value for value in filters.values() if value is not None]
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    params.append(-1 if limit is None else limit)
+    return f"SELECT * FROM {table} {where} ORDER BY id DESC LIMIT ?", params
+
+
+def _to_run(row: Row) -> RunRecord:
+    return msgspec.convert(row, RunRecord)
+
+
+def _apply_migrations(db: sqlite_utils.Database, path: Path) -> None:
+    latest = len(MIGRATIONS)
+    if _user_version(db) == latest:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # Read the version again under the write lock: another process may
+        # have migrated the file since the check above.
+        current = _user_version(db)
+        if current > latest:
+            raise StoreError(
+                f"The database at {path} has schema version {current}, but this "
+                f"runvisor knows versions up to {latest}. Run a newer runvisor "
+                "or point [runvisor] data_dir at another folder."
+            )
+        for number in range(current + 1, latest + 1):
+            logger.info(
+                "Migrating the database at %s to schema version %d", path, number
+            )
+            MIGRATIONS[number - 1](db)
+        # PRAGMA takes no bound parameters, and `latest` is an int.
+        db.execute(f"PRAGMA user_version = {latest}")
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+
+
+def _user_version(db: sqlite_utils.Database) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _open_error(path: Path, exc: BaseException) -> StoreError:
+    return StoreError(
+        f"Cannot open the database at {path}: {exc}. Check that the data dir "
+        "is writable and its disk is not full, or set [runvisor] data_dir to "
+        "another folder."
+    )
+
+
+class Store:
+    """Asynchronous access to the database for the daemon.
+
+    Owned by one trio task tree: `put_run`, `put_event` and `next_run_id`
+    must be called from the trio thread. Rows become visible to readers once
+    the `writer` task commits them. `flush` waits for that.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        retry_delay: float = 0.5,
+        max_retry_delay: float = 30.0,
+    ) -> None:
+        self._db = db
+        try:
+            self._reader = Database.open(db.path, busy_timeout=db.busy_timeout)
+        except BaseException:
+            db.close()
+            raise
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._last_run_id = db.max_run_id()
+
+        # Each item is (is_run, row). Items leave the queue only after they
+        # are committed, so a failed batch is retried from the same rows.
+        self._queue: deque[tuple[bool, Row]] = deque()
+        self._queued_count = 0
+        self._committed_count = 0
+        self._queue_changed = trio.Event()
+        self._commit_happened = trio.Event()
+        self._failure_kinds: set[str] = set()
+        self._failures_since_success = 0
+        self.failed_writes = 0
+        """Failed batch write attempts since the store opened."""
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        return cls(Database.open(path))
+
+    def next_run_id(self) -> int:
+        """Reserve the next run id without touching the database."""
+        self._last_run_id += 1
+        return self._last_run_id
+
+    def put_run(self, run: RunRecord) -> None:
+        """Queue an insert or update of the run. Never blocks.
+
+        Raises ValueError at once for a naive timestamp.
+        """
+        self._enqueue(True, _run_row(run))
+
+    def put_event(self, event: RunEvent) -> None:
+        """Queue an event row. Never blocks.
+
+        Raises ValueError at once for a naive timestamp.
+        """
+        self._enqueue(False, _event_row(event))
+
+    async def flush(self) -> None:
+        """Wait until every row queued before this call is committed.
+
+        Waits forever if no `writer` task is running.
+        """
+        target = self._queued_count
+        while self._committed_count < target:
+            await self._commit_happened.wait()
+
+    async def writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Commit queued rows in batches until cancelled.
+
+        A failed write (disk full, database locked by another process) is
+        logged once per kind of error and retried with growing delays, and the
+        rows stay queued until they land. On cancellation the rows still
+        queued are written in a shielded scope, for at most
+        SHUTDOWN_WRITE_TIMEOUT seconds.
+        """
+        task_status.started()
+        try:
+            while True:
+                if not self._queue:
+                    self._queue_changed = trio.Event()
+                    await self._queue_changed.wait()
+                    continue
+                await self._write_next_batch()
+        finally:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + SHUTDOWN_WRITE_TIMEOUT
+                while self._queue and not scope.cancel_called:
+                    await self._write_next_batch()
+            if self._queue:
+                logger.error(
+                    "Dropped %d history rows that could not be written to %s "
+                    "within %.0f seconds of shutdown",
+                    len(self._queue),
+                    self._db.path,
+                    SHUTDOWN_WRITE_TIMEOUT,
+                )
+
+    async def history(
+        self,
+        project: str | None = None,
+        *,
+        limit: int | None = 50,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+    ) -> list[RunRecord]:
+        call = partial(
+            self._reader.history, project, limit=limit, status=status, since=since
+        )
+        return await self._read(call)
+
+    async def get_run(self, run_id: int) -> RunRecord | None:
+        return await self._read(partial(self._reader.get_run, run_id))
+
+    async def events(
+        self,
+        project: str | None = None,
+        run_id: int | None = None,
+        limit: int | None = 100,
+    ) -> list[RunEvent]:
+        return await self._read(partial(self._reader.events, project, run_id, limit))
+
+    async def last_fire_time(self, project: str) -> datetime | None:
+        return await self._read(partial(self._reader.last_fire_time, project))
+
+    async def last_runs(self) -> dict[str, RunRecord]:
+        return await self._read(self._reader.last_runs)
+
+    async def mark_lost(self, now: datetime) -> list[RunRecord]:
+        return await trio.to_thread.run_sync(self._reader.mark_lost, now)
+
+    async def prune(self, project: str, keep: int) -> list[int]:
+        """Prune committed runs, as `Database.prune`. Queued rows are not seen."""
+        return await trio.to_thread.run_sync(self._reader.prune, project, keep)
+
+    def close(self) -> None:
+        """Close both connections. Rows still queued are not written."""
+        self._db.close()
+        self._reader.close()
+
+    def _enqueue(self, is_run: bool, row: Row) -> None:
+        self._queue.append((is_run, row))
+        self._queued_count += 1
+        self._queue_changed.set()
+
+    async def _read(self, call: Callable[[], T]) -> T:
+        # A cancelled read leaves its thread to finish on its own, and the
+        # reader lock keeps the next read from overlapping it.
+        return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+    async def _write_next_batch(self) -> None:
+        batch = list(itertools.islice(self._queue, MAX_BATCH_ROWS))
+        # Several updates of one run in a batch collapse into the last one.
+        run_rows = {row["id"]: row for is_run, row in batch if is_run}
+        event_rows = [row for is_run, row in batch if not is_run]
+        delay = self._retry_delay
+        while True:
+            try:
+                await trio.to_thread.run_sync(
+                    self._db._write_rows, list(run_rows.values()), event_rows
+                )
+                break
+            except (sqlite3.Error, OSError) as exc:
+                self._record_failure(exc, len(batch))
+                await trio.sleep(delay)
+                delay = min(delay * 2, self._max_retry_delay)
+
+        for _ in batch:
+            self._queue.popleft()
+        self._committed_count += len(batch)
+        self._commit_happened.set()
+        self._commit_happened = trio.Event()
+        if self._failures_since_success:
+            logger.info(
+                "Writing history to %s works again after %d failed attempts",
+                self._db.path,
+                self._failures_since_success,
+            )
+            self._failures_since_success = 0
+            self._failure_kinds.clear()
+
+    def _record_failure(self, exc: BaseException, rows: int) -> None:
+        self.failed_writes += 1
+        self._failures_since_success += 1
+        kind = f"{type(exc).__name__}: {exc}"
+        if kind in self._failure_kinds:
+            return
+        self._failure_kinds.add(kind)
+        logger.error(
+            "Failed to write %d history rows to %s, so they stay queued and "
+            "the write is retried until it works",
+            rows,
+            self._db.path,
+            exc_info=exc,
+        )
