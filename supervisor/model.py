@@ -175,7 +175,9 @@ class ReloadEvent(msgspec.Struct, tag="reload", kw_only=True):
     at: datetime
 
 
-Event = StartedEvent | CompletedEvent | LogEvent | StateEvent | HealthEvent | ReloadEvent
+Event = (
+    StartedEvent | CompletedEvent | LogEvent | StateEvent | HealthEvent | ReloadEvent
+)
 
 
 class ProjectStatus(msgspec.Struct, kw_only=True):

@@ -271,9 +271,10 @@ class ChildProcess:
             if group_exists(self.pid):
                 self.killed = True
                 signal_group(self.pid, signal.SIGKILL)
-            status = await self.wait()
+            await self.wait()
             await end_group(self.pid, signal.SIGKILL, KILLED_GROUP_WAIT_SECONDS)
-            return status
+        assert self.exit_status is not None
+        return self.exit_status
 
 
 async def _pump(

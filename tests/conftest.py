@@ -8,6 +8,7 @@ import signal
 from collections.abc import Iterator
 
 import pytest
+from trio.testing import MockClock
 
 from .helpers import marked_pids
 
@@ -24,3 +25,15 @@ def no_leftover_processes() -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert leftovers == [], f"processes left running by the test: {leftovers}"
+
+
+@pytest.fixture
+def fast_clock() -> MockClock:
+    """Simulated time that jumps ahead once the run has been idle for 0.25 s
+    of real time.
+
+    Real child processes keep running in real time, so a clock that jumped
+    at once (`autojump_clock`) would make every quick child look long-lived;
+    the short threshold lets quick children finish first.
+    """
+    return MockClock(autojump_threshold=0.25)

@@ -1,0 +1,227 @@
+"""The root of the daemon: store, manager, signal handling and reload.
+
+One trio nursery holds the store's writer task, and inside it the services:
+the manager with every project, and the signal watcher. Shutdown stops the
+manager first, so every run's final history row is queued before the
+writer flushes and closes.
+
+Signals: SIGTERM and SIGINT stop every run (whole process groups) and exit
+0; SIGHUP reloads the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from supervisor.config import Config, ConfigDiff, check_config, load_config
+from supervisor.credentials import CredentialLookup, NoCredentialStore
+from supervisor.logs import Hub
+from supervisor.manager import Manager
+from supervisor.model import ReloadEvent
+from supervisor.process import become_subreaper, end_lost_run
+from supervisor.runner import RuntimeContext
+from supervisor.scheduler import SystemClock, WallClock
+from supervisor.store import Store
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "runvisor.db"
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    ok: bool
+    dry_run: bool
+    diff: ConfigDiff | None
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+    at: datetime
+
+
+def notify_systemd(state: str) -> None:
+    """Send a state line such as READY=1 to systemd's notify socket, if any."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+        ) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as error:
+        logger.warning("cannot notify systemd at %s: %s", address, error)
+
+
+class Daemon:
+    """A running runvisor daemon for one config file."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        clock: WallClock | None = None,
+        credentials: CredentialLookup | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.clock = clock or SystemClock()
+        self.config: Config = load_config(config_path)
+        self.credentials: CredentialLookup = credentials or NoCredentialStore()
+        self.hub = Hub()
+        self.store: Store | None = None
+        self.manager: Manager | None = None
+        self.last_reload: ReloadOutcome | None = None
+        self._shutdown = trio.Event()
+        self._reload_lock = trio.Lock()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config.runvisor.data_dir)
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until SIGTERM, SIGINT or `request_shutdown`."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = Store.open(self.data_dir / DATABASE_NAME)
+        self.store = store
+        if become_subreaper():
+            logger.debug("runvisor is the child subreaper of its runs")
+        try:
+            await self._recover_lost_runs(store)
+            context = RuntimeContext(
+                store=store,
+                hub=self.hub,
+                settings=self.config.runvisor,
+                clock=self.clock,
+                credentials=self.credentials,
+            )
+            async with trio.open_nursery() as root:
+                await root.start(store.writer)
+                with trio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                ) as signals:
+                    async with trio.open_nursery() as services:
+                        manager = Manager(self.config, context)
+                        self.manager = manager
+                        await services.start(manager.run)
+                        services.start_soon(self._watch_signals, signals)
+                        logger.info(
+                            "running: config=%s projects=%d data_dir=%s pid=%d",
+                            self.config_path,
+                            len(self.config.projects),
+                            self.data_dir,
+                            os.getpid(),
+                        )
+                        notify_systemd("READY=1")
+                        task_status.started(self)
+                        await self._shutdown.wait()
+                        logger.info("stopping: every project")
+                        notify_systemd("STOPPING=1")
+                        await manager.shutdown()
+                        services.cancel_scope.cancel()
+                root.cancel_scope.cancel()
+        finally:
+            store.close()
+        logger.info("stopped")
+
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                logger.info("SIGHUP received: reloading %s", self.config_path)
+                await self.reload()
+            else:
+                logger.info("%s received: shutting down", signal.Signals(signum).name)
+                self.request_shutdown()
+
+    async def _recover_lost_runs(self, store: Store) -> None:
+        lost = await store.mark_lost(datetime.now(UTC))
+        for record in lost:
+            logger.warning(
+                "lost: project=%s run=%d pid=%s was running when the daemon stopped",
+                record.project,
+                record.id,
+                record.pid,
+            )
+        if lost:
+            async with trio.open_nursery() as nursery:
+                for record in lost:
+                    nursery.start_soon(end_lost_run, record)
+
+    async def reload(self, *, dry_run: bool = False) -> ReloadOutcome:
+        """Validate the config file whole, then apply it as a diff.
+
+        An invalid file changes nothing: the running config stays active and
+        the outcome carries every error with file and line.
+        """
+        async with self._reload_lock:
+            if not dry_run:
+                notify_systemd("RELOADING=1")
+            try:
+                return await self._reload(dry_run)
+            finally:
+                if not dry_run:
+                    notify_systemd("READY=1")
+
+    async def _reload(self, dry_run: bool) -> ReloadOutcome:
+        config, errors, warnings = await trio.to_thread.run_sync(
+            check_config, self.config_path
+        )
+        now = datetime.now(UTC)
+        if config is None or errors:
+            outcome = ReloadOutcome(
+                False, dry_run, None, tuple(errors), tuple(warnings), now
+            )
+            if not dry_run:
+                self.last_reload = outcome
+                logger.error(
+                    "reload failed, the previous config stays active:\n%s",
+                    "\n".join(errors),
+                )
+                self.hub.publish(
+                    ReloadEvent(
+                        ok=False,
+                        added=[],
+                        removed=[],
+                        changed=[],
+                        unchanged=[],
+                        error="\n".join(errors),
+                        at=now,
+                    )
+                )
+            return outcome
+        for warning in warnings:
+            logger.warning("config: %s", warning)
+        assert self.manager is not None
+        if dry_run:
+            diff = self.manager.preview(config)
+            return ReloadOutcome(True, True, diff, (), tuple(warnings), now)
+        diff = await self.manager.apply(config)
+        self.config = config
+        outcome = ReloadOutcome(True, False, diff, (), tuple(warnings), now)
+        self.last_reload = outcome
+        self.hub.publish(
+            ReloadEvent(
+                ok=True,
+                added=list(diff.added),
+                removed=list(diff.removed),
+                changed=list(diff.changed),
+                unchanged=list(diff.unchanged),
+                error="",
+                at=now,
+            )
+        )
+        return outcome

@@ -1,0 +1,761 @@
+"""One project's lifecycle in each trigger mode.
+
+A `ProjectRunner` owns everything about one project: its state, its active
+runs and its restart tracker. Its `run` task is the parent of every run of
+the project, so cancelling that task stops them all. Every state change
+happens in this task tree, so no lock guards the state.
+
+- manual: a run starts on `trigger`; a trigger while a run is going follows
+  the `overlap` policy.
+- schedule: the cron loop of `scheduler.run_schedule` calls `fire`, which
+  follows the same overlap policy.
+- always_running: a supervise loop starts the run, and after each exit asks
+  the restart tracker whether to restart, after which backoff delay, or to
+  give up.
+
+A stop requested by a person sets the run's `stop_reason` before cancelling
+its scope, so the exit it causes is recorded as `stopped` and never reaches
+the restart policy.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from supervisor.config import DaemonSettings, ProjectConfig, format_duration
+from supervisor.credentials import (
+    CredentialLookup,
+    remove_env_file,
+    resolve_env,
+    write_env_file,
+)
+from supervisor.errors import CredentialError, SpawnError
+from supervisor.logs import Hub, Masker, RunLog, delete_run_logs, run_log_path
+from supervisor.model import (
+    CompletedEvent,
+    Health,
+    LogEvent,
+    OverlapPolicy,
+    ProjectState,
+    ProjectStatus,
+    RunEvent,
+    RunRecord,
+    RunStatus,
+    RunTrigger,
+    StartedEvent,
+    StateEvent,
+    Stream,
+    TriggerMode,
+)
+from supervisor.policy import Action, RestartTracker
+from supervisor.process import (
+    ChildProcess,
+    ExitStatus,
+    ProcessSpec,
+    child_environment,
+    open_process,
+)
+from supervisor.scheduler import CronSchedule, WallClock, run_schedule
+from supervisor.store import Store
+
+logger = logging.getLogger(__name__)
+
+STOPPED_BY_USER = "stopped by user"
+
+
+class TriggerOutcome(enum.StrEnum):
+    STARTED = "started"
+    SKIPPED = "skipped"
+    QUEUED = "queued"
+    REPLACING = "replacing"
+    ALREADY_RUNNING = "already running"
+
+
+@dataclass(frozen=True)
+class TriggerResult:
+    outcome: TriggerOutcome
+    run_id: int | None
+    message: str
+
+
+@dataclass
+class RuntimeContext:
+    """What every runner shares: store, live events, settings and clocks."""
+
+    store: Store
+    hub: Hub
+    settings: DaemonSettings
+    clock: WallClock
+    credentials: CredentialLookup
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.settings.data_dir) / "logs"
+
+
+@dataclass
+class ActiveRun:
+    record: RunRecord
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    child: ChildProcess | None = None
+    stop_reason: str | None = None
+    stop_status: RunStatus = RunStatus.STOPPED
+    health_failure: str | None = None
+    exit_status: ExitStatus | None = None
+
+    def request_stop(self, reason: str, status: RunStatus = RunStatus.STOPPED) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.stop_status = status
+        self.scope.cancel()
+
+
+def utc_now(clock: WallClock) -> datetime:
+    return clock.now().astimezone(UTC)
+
+
+class ProjectRunner:
+    def __init__(self, project: ProjectConfig, context: RuntimeContext) -> None:
+        self.project = project
+        self.context = context
+        self.tracker = RestartTracker(project)
+        self.runs: dict[int, ActiveRun] = {}
+        self.state = ProjectState.STOPPED
+        self.reason = ""
+        self.health = Health.UNKNOWN
+        self.last_probe_at: datetime | None = None
+        self.next_fire: datetime | None = None
+        self.last_run: RunRecord | None = None
+        # Set by a person's stop; cleared by start, trigger or restart.
+        self.stopped_by_user = False
+        # Why the whole runner is being cancelled (removal, shutdown).
+        self.shutdown_reason = "the daemon is shutting down"
+        self._nursery: trio.Nursery | None = None
+        self._queued: tuple[RunTrigger, datetime | None] | None = None
+        # Whether an always-running project should be up, and an event that
+        # fires (and is replaced) whenever that changes.
+        self._up_wanted = False
+        self._up_changed = trio.Event()
+        self._backoff_scope: trio.CancelScope | None = None
+        self._schedule_scope: trio.CancelScope | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def name(self) -> str:
+        return self.project.name
+
+    @property
+    def mode(self) -> TriggerMode:
+        return self.project.trigger
+
+    # -- the project task ---------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        start: bool = True,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the project until cancelled. `start=False` keeps an
+        always-running or scheduled project stopped, as after a person's stop."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if not start:
+                self.stopped_by_user = True
+            if self.mode == TriggerMode.SCHEDULE:
+                if start:
+                    await nursery.start(self._schedule_host)
+                else:
+                    self._set_state(ProjectState.STOPPED, STOPPED_BY_USER)
+            elif self.mode == TriggerMode.ALWAYS_RUNNING:
+                nursery.start_soon(self._supervise)
+                if start:
+                    self._set_up_wanted(True)
+                else:
+                    self._set_state(ProjectState.STOPPED, STOPPED_BY_USER)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- requests from the manager -----------------------------------------
+
+    def trigger(self, trigger: RunTrigger = RunTrigger.MANUAL) -> TriggerResult:
+        """Start a run now, as a person asked."""
+        if self.mode == TriggerMode.ALWAYS_RUNNING:
+            return self.start()
+        self.stopped_by_user = False
+        return self._request_run(trigger, None)
+
+    def start(self) -> TriggerResult:
+        """Start a stopped, exited or fatal always-running project, resume a
+        stopped schedule, or trigger a manual project."""
+        self.stopped_by_user = False
+        if self.mode == TriggerMode.MANUAL:
+            return self._request_run(RunTrigger.MANUAL, None)
+        if self.mode == TriggerMode.ALWAYS_RUNNING:
+            if self._up_wanted:
+                return TriggerResult(
+                    TriggerOutcome.ALREADY_RUNNING,
+                    self._current_run_id(),
+                    f"Project {self.name!r} is already running.",
+                )
+            self.tracker.reset()
+            self._set_up_wanted(True)
+            return TriggerResult(
+                TriggerOutcome.STARTED, None, f"Starting project {self.name!r}."
+            )
+        if self._schedule_scope is None and self._nursery is not None:
+            self._nursery.start_soon(self._schedule_host)
+            return TriggerResult(
+                TriggerOutcome.STARTED, None, f"Resumed the schedule of {self.name!r}."
+            )
+        return TriggerResult(
+            TriggerOutcome.ALREADY_RUNNING,
+            None,
+            f"The schedule of {self.name!r} is already active.",
+        )
+
+    async def stop(self, reason: str = STOPPED_BY_USER) -> None:
+        """Stop every run of the project and keep it stopped; wait until the
+        runs are over."""
+        self.stopped_by_user = True
+        self._queued = None
+        if self.mode == TriggerMode.ALWAYS_RUNNING:
+            self._set_up_wanted(False)
+            if self._backoff_scope is not None:
+                self._backoff_scope.cancel()
+        elif self.mode == TriggerMode.SCHEDULE and self._schedule_scope is not None:
+            self._schedule_scope.cancel()
+            self._schedule_scope = None
+            self.next_fire = None
+        for active in list(self.runs.values()):
+            active.request_stop(reason)
+        await self._idle.wait()
+        if self.state not in (ProjectState.STOPPED,):
+            self._set_state(ProjectState.STOPPED, reason)
+
+    async def restart(self) -> TriggerResult:
+        await self.stop()
+        return self.start()
+
+    def update_project(self, project: ProjectConfig) -> None:
+        """Apply a changed config to a manual or scheduled project in place.
+
+        A run in progress keeps the settings it started with; the next run
+        uses the new ones. A changed schedule restarts the cron loop.
+        """
+        old = self.project
+        self.project = project
+        self.tracker.project = project
+        schedule_keys = ("cron", "timezone", "catch_up", "jitter")
+        schedule_changed = any(
+            getattr(old, key) != getattr(project, key) for key in schedule_keys
+        )
+        if (
+            self.mode == TriggerMode.SCHEDULE
+            and schedule_changed
+            and self._schedule_scope is not None
+            and self._nursery is not None
+        ):
+            self._schedule_scope.cancel()
+            self._schedule_scope = None
+            self._nursery.start_soon(self._schedule_host)
+
+    def status(self) -> ProjectStatus:
+        current = self._current_run()
+        return ProjectStatus(
+            name=self.name,
+            trigger=self.mode,
+            state=self.state,
+            reason=self.reason,
+            health=self.health,
+            last_probe_at=self.last_probe_at,
+            pid=current.record.pid if current else None,
+            run_id=current.record.id if current else None,
+            started_at=current.record.started_at if current else None,
+            restarts=self.tracker.restarts,
+            last_run=self.last_run,
+            next_fire=self.next_fire,
+        )
+
+    # -- schedule -------------------------------------------------------------
+
+    async def _schedule_host(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self.project.cron is not None
+        schedule = CronSchedule(self.project.cron, self.project.timezone)
+        last_fire = await self.context.store.last_fire_time(self.name)
+        with trio.CancelScope() as scope:
+            self._schedule_scope = scope
+            if not self.runs:
+                self._set_state(ProjectState.SCHEDULED, "")
+            await run_schedule(
+                schedule,
+                self,
+                self.context.clock,
+                last_fire=last_fire,
+                catch_up=self.project.catch_up,
+                jitter=self.project.jitter,
+                on_next=self._on_next_fire,
+                task_status=task_status,
+            )
+
+    def _on_next_fire(self, when: datetime | None) -> None:
+        self.next_fire = when
+
+    def fire(self, fire_time: datetime, trigger: RunTrigger) -> None:
+        """Called by the cron loop at each fire time."""
+        if self.stopped_by_user:
+            return
+        self._request_run(trigger, fire_time)
+
+    # -- manual and scheduled runs -------------------------------------------
+
+    def _request_run(
+        self, trigger: RunTrigger, fire_time: datetime | None
+    ) -> TriggerResult:
+        busy = [run for run in self.runs.values() if run.stop_reason is None]
+        if not busy:
+            run_id = self._start_run(trigger, fire_time)
+            return TriggerResult(
+                TriggerOutcome.STARTED,
+                run_id,
+                f"Started run {run_id} of {self.name!r}.",
+            )
+
+        overlap = self.project.overlap
+        running_ids = ", ".join(str(run.record.id) for run in busy)
+        if overlap == OverlapPolicy.ALLOW:
+            run_id = self._start_run(trigger, fire_time)
+            return TriggerResult(
+                TriggerOutcome.STARTED,
+                run_id,
+                f"Started run {run_id} of {self.name!r}.",
+            )
+        if overlap == OverlapPolicy.QUEUE and self._queued is None:
+            self._queued = (trigger, fire_time)
+            return TriggerResult(
+                TriggerOutcome.QUEUED,
+                None,
+                f"Run {running_ids} of {self.name!r} is still running; "
+                "the new run starts when it ends (overlap = queue).",
+            )
+        if overlap == OverlapPolicy.REPLACE:
+            self._queued = (trigger, fire_time)
+            for run in busy:
+                run.request_stop("replaced by a newer run (overlap = replace)")
+            return TriggerResult(
+                TriggerOutcome.REPLACING,
+                None,
+                f"Stopping run {running_ids} of {self.name!r} to start a new one "
+                "(overlap = replace).",
+            )
+
+        if overlap == OverlapPolicy.QUEUE:
+            reason = f"run {running_ids} still running and one run already queued"
+        else:
+            reason = f"run {running_ids} still running (overlap = skip)"
+        run_id = self._record_skipped(trigger, fire_time, reason)
+        return TriggerResult(
+            TriggerOutcome.SKIPPED,
+            run_id,
+            f"Skipped: {reason}; recorded as run {run_id}.",
+        )
+
+    def _record_skipped(
+        self, trigger: RunTrigger, fire_time: datetime | None, reason: str
+    ) -> int:
+        now = utc_now(self.context.clock)
+        record = RunRecord(
+            id=self.context.store.next_run_id(),
+            project=self.name,
+            trigger=trigger,
+            status=RunStatus.SKIPPED,
+            started_at=now,
+            ended_at=now,
+            reason=reason,
+            fire_time=fire_time,
+        )
+        self.context.store.put_run(record)
+        logger.info("skipped: project=%s run=%d %s", self.name, record.id, reason)
+        self._publish_completed(record)
+        return record.id
+
+    def _start_run(self, trigger: RunTrigger, fire_time: datetime | None) -> int:
+        assert self._nursery is not None
+        active = self._new_active_run(trigger, fire_time)
+        self._nursery.start_soon(self._run_and_follow_up, active)
+        return active.record.id
+
+    async def _run_and_follow_up(self, active: ActiveRun) -> None:
+        await self._execute(active)
+        if self.runs:
+            return
+        if self._queued is not None and not self.stopped_by_user:
+            trigger, fire_time = self._queued
+            self._queued = None
+            self._start_run(trigger, fire_time)
+        elif self.stopped_by_user:
+            self._set_state(ProjectState.STOPPED, STOPPED_BY_USER)
+        elif self.mode == TriggerMode.SCHEDULE:
+            self._set_state(ProjectState.SCHEDULED, "")
+        else:
+            self._set_state(ProjectState.EXITED, self._describe(active.record))
+
+    # -- always running -------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        trigger = RunTrigger.STARTUP
+        while True:
+            while not self._up_wanted:
+                changed = self._up_changed
+                await changed.wait()
+            active = self._new_active_run(trigger, None)
+            record = await self._execute(active)
+
+            if active.stop_reason is not None:
+                # A person's stop or restart: never a failure, never restarted.
+                self._set_state(ProjectState.STOPPED, active.stop_reason)
+                trigger = RunTrigger.MANUAL
+                continue
+
+            exit_status = active.exit_status or ExitStatus(None, None)
+            decision = self.tracker.on_exit(
+                exit_code=exit_status.exit_code,
+                signal=exit_status.signal,
+                uptime=active.child.uptime if active.child is not None else 0.0,
+                now=trio.current_time(),
+                health_failure=active.health_failure is not None,
+            )
+            if decision.action == Action.EXIT:
+                self._set_up_wanted(False)
+                self._set_state(ProjectState.EXITED, decision.reason)
+                trigger = RunTrigger.MANUAL
+                continue
+            if decision.action == Action.GIVE_UP:
+                self._set_up_wanted(False)
+                logger.warning(
+                    "gave up: project=%s run=%d %s",
+                    self.name,
+                    record.id,
+                    decision.reason,
+                )
+                self._record_event("gave_up", record.id, decision.reason)
+                self._set_state(ProjectState.FATAL, decision.reason)
+                trigger = RunTrigger.MANUAL
+                continue
+
+            self._set_state(
+                ProjectState.BACKOFF,
+                f"restarting in {format_duration(decision.delay)} after "
+                f"{self._describe(record)}",
+            )
+            logger.info(
+                "backoff: project=%s run=%d delay=%.3fs",
+                self.name,
+                record.id,
+                decision.delay,
+            )
+            with trio.CancelScope() as backoff:
+                self._backoff_scope = backoff
+                await trio.sleep(decision.delay)
+            self._backoff_scope = None
+            if backoff.cancelled_caught or not self._up_wanted:
+                self._set_state(ProjectState.STOPPED, STOPPED_BY_USER)
+                trigger = RunTrigger.MANUAL
+                continue
+            logger.info("restarting: project=%s after run=%d", self.name, record.id)
+            self._record_event("restart", record.id, self._describe(record))
+            trigger = RunTrigger.RESTART
+
+    # -- one run ----------------------------------------------------------------
+
+    def _new_active_run(
+        self, trigger: RunTrigger, fire_time: datetime | None
+    ) -> ActiveRun:
+        record = RunRecord(
+            id=self.context.store.next_run_id(),
+            project=self.name,
+            trigger=trigger,
+            status=RunStatus.RUNNING,
+            started_at=utc_now(self.context.clock),
+            fire_time=fire_time,
+        )
+        active = ActiveRun(record=record)
+        self.runs[record.id] = active
+        self._idle = trio.Event()
+        return active
+
+    async def _execute(self, active: ActiveRun) -> RunRecord:
+        """Run one run from start to its final history row."""
+        project = self.project
+        context = self.context
+        record = active.record
+        folder = Path(project.path)
+        run_log = RunLog(
+            run_log_path(context.logs_dir, self.name, record.id),
+            max_bytes=context.settings.log_max_bytes,
+            backups=context.settings.log_backups,
+        )
+        masker = Masker(())
+        env_written = False
+        starting_state = (
+            ProjectState.STARTING
+            if self.mode == TriggerMode.ALWAYS_RUNNING
+            else ProjectState.RUNNING
+        )
+        self._set_state(starting_state, f"run {record.id} ({record.trigger})")
+        context.store.put_run(record)
+
+        def on_output(stream: Stream, lines: list[str], at: float) -> None:
+            if masker:
+                lines = [masker.mask(line) for line in lines]
+            run_log.write(stream, lines, at)
+            if context.hub.has_subscribers:
+                stamp = datetime.fromtimestamp(at, UTC)
+                for line in lines:
+                    context.hub.publish(
+                        LogEvent(
+                            project=self.name,
+                            run_id=record.id,
+                            stream=stream,
+                            text=line,
+                            at=stamp,
+                        )
+                    )
+
+        try:
+            with active.scope:
+                resolved = await resolve_env(project, context.credentials)
+                masker = Masker(resolved.secrets)
+                env = child_environment(
+                    {
+                        **resolved.variables,
+                        "RUNVISOR_PROJECT": self.name,
+                        "RUNVISOR_RUN_ID": str(record.id),
+                        "RUNVISOR_TRIGGER": str(record.trigger),
+                    }
+                )
+                if folder.is_dir():
+                    write_env_file(folder, resolved.variables)
+                    env_written = True
+                spec = ProcessSpec(command=project.command, cwd=folder, env=env)
+                async with open_process(
+                    spec,
+                    on_output,
+                    stop_signal=signal.Signals[project.stop_signal],
+                    stop_timeout=project.stop_timeout,
+                ) as child:
+                    active.child = child
+                    # From here on a stop cancels only the waiting for the
+                    # child, so `_wait_run` can stop it the normal way.
+                    active.scope = trio.CancelScope()
+                    record.pid = child.pid
+                    context.store.put_run(record)
+                    # The row with the pid must be on disk before the run goes
+                    # on: after a crash it is how leftover processes are found.
+                    with trio.CancelScope(shield=True):
+                        await context.store.flush()
+                    logger.info(
+                        "spawned: project=%s run=%d pid=%d trigger=%s",
+                        self.name,
+                        record.id,
+                        child.pid,
+                        record.trigger,
+                    )
+                    context.hub.publish(
+                        StartedEvent(
+                            project=self.name,
+                            run_id=record.id,
+                            trigger=record.trigger,
+                            pid=child.pid,
+                            at=record.started_at,
+                        )
+                    )
+                    active.exit_status = await self._wait_run(active, child)
+            if active.stop_reason is not None and active.child is not None:
+                # The stop came before or while the child was spawned.
+                active.exit_status = active.child.exit_status
+            self._finish_record(active, record)
+        except (SpawnError, CredentialError, OSError) as error:
+            reason = masker.mask(str(error))
+            record.status = RunStatus.FAILED
+            record.reason = reason
+            run_log.write(Stream.ERR, [f"runvisor: {reason}"], time.time())
+            logger.warning(
+                "failed to start: project=%s run=%d %s", self.name, record.id, reason
+            )
+        except trio.Cancelled:
+            record.status = RunStatus.STOPPED
+            record.reason = active.stop_reason or self.shutdown_reason
+            if active.child is not None and active.child.exit_status is not None:
+                self._set_exit(record, active.child.exit_status)
+            raise
+        finally:
+            # No await in here, so cancellation cannot cut it short.
+            if env_written and not project.keep_env_file:
+                remove_env_file(folder)
+            run_log.close()
+            if record.status == RunStatus.RUNNING:
+                record.status = RunStatus.FAILED
+                record.reason = record.reason or "the run ended unexpectedly"
+            record.ended_at = utc_now(context.clock)
+            context.store.put_run(record)
+            self.last_run = record
+            self.runs.pop(record.id, None)
+            if not self.runs:
+                self._idle.set()
+            logger.info(
+                "%s: project=%s run=%d pid=%s exit_code=%s signal=%s %s",
+                "stopped" if record.status == RunStatus.STOPPED else "exited",
+                self.name,
+                record.id,
+                record.pid,
+                record.exit_code,
+                record.signal,
+                record.reason,
+            )
+            self._publish_completed(record)
+        await self._prune()
+        return record
+
+    async def _wait_run(self, active: ActiveRun, child: ChildProcess) -> ExitStatus:
+        """Wait for the run to end by itself, or stop it when its scope is
+        cancelled (a person's stop, replacement, health) or it times out."""
+        project = self.project
+        timeout = project.timeout if project.timeout is not None else math.inf
+        with active.scope:
+            with trio.move_on_after(timeout) as timeout_scope:
+                if self.mode == TriggerMode.ALWAYS_RUNNING:
+                    with trio.move_on_after(project.start_seconds):
+                        return await child.wait()
+                    self._set_state(ProjectState.RUNNING, f"run {active.record.id}")
+                return await child.wait()
+            if timeout_scope.cancelled_caught and active.stop_reason is None:
+                active.stop_reason = f"timed out after {format_duration(timeout)}"
+                active.stop_status = RunStatus.TIMED_OUT
+        self._set_state(ProjectState.STOPPING, active.stop_reason or "")
+        logger.info(
+            "stopping: project=%s run=%d pid=%d signal=%s timeout=%s",
+            self.name,
+            active.record.id,
+            child.pid,
+            project.stop_signal,
+            format_duration(project.stop_timeout),
+        )
+        status = await child.stop(
+            signal.Signals[project.stop_signal], project.stop_timeout
+        )
+        if child.killed:
+            logger.warning(
+                "killed: project=%s run=%d pid=%d after stop_timeout=%s",
+                self.name,
+                active.record.id,
+                child.pid,
+                format_duration(project.stop_timeout),
+            )
+        return status
+
+    def _finish_record(self, active: ActiveRun, record: RunRecord) -> None:
+        status = active.exit_status or ExitStatus(None, None)
+        killed = active.child.killed if active.child is not None else False
+        self._set_exit(record, status)
+        if active.health_failure is not None:
+            record.status = RunStatus.FAILED
+            record.reason = f"restarted for health: {active.health_failure}"
+        elif active.stop_reason is not None:
+            record.status = active.stop_status
+            record.reason = active.stop_reason
+            if killed:
+                record.reason += (
+                    f"; killed with SIGKILL after stop_timeout = "
+                    f"{format_duration(self.project.stop_timeout)}"
+                )
+        elif self.tracker.is_success(status.exit_code, status.signal):
+            record.status = RunStatus.SUCCEEDED
+            record.reason = status.describe()
+        else:
+            record.status = RunStatus.FAILED
+            record.reason = status.describe()
+
+    @staticmethod
+    def _set_exit(record: RunRecord, status: ExitStatus) -> None:
+        record.exit_code = status.exit_code
+        record.signal = status.signal
+
+    async def _prune(self) -> None:
+        deleted = await self.context.store.prune(
+            self.name, self.context.settings.history_keep
+        )
+        if deleted:
+            delete_run_logs(self.context.logs_dir, self.name, deleted)
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _set_up_wanted(self, wanted: bool) -> None:
+        self._up_wanted = wanted
+        self._up_changed.set()
+        self._up_changed = trio.Event()
+
+    def _current_run(self) -> ActiveRun | None:
+        if not self.runs:
+            return None
+        return self.runs[max(self.runs)]
+
+    def _current_run_id(self) -> int | None:
+        current = self._current_run()
+        return current.record.id if current else None
+
+    def _set_state(self, new: ProjectState, reason: str) -> None:
+        old = self.state
+        if old == new and self.reason == reason:
+            return
+        self.state = new
+        self.reason = reason
+        now = utc_now(self.context.clock)
+        self.context.hub.publish(
+            StateEvent(project=self.name, old=old, new=new, reason=reason, at=now)
+        )
+        if old != new:
+            self._record_event(
+                "state", self._current_run_id(), f"{old} -> {new}: {reason}"
+            )
+
+    def _record_event(self, kind: str, run_id: int | None, detail: str) -> None:
+        self.context.store.put_event(
+            RunEvent(
+                project=self.name,
+                kind=kind,
+                at=utc_now(self.context.clock),
+                run_id=run_id,
+                detail=detail,
+            )
+        )
+
+    def _publish_completed(self, record: RunRecord) -> None:
+        self.context.hub.publish(
+            CompletedEvent(
+                project=self.name,
+                run_id=record.id,
+                status=record.status,
+                exit_code=record.exit_code,
+                signal=record.signal,
+                reason=record.reason,
+                at=record.ended_at or utc_now(self.context.clock),
+            )
+        )
+
+    @staticmethod
+    def _describe(record: RunRecord) -> str:
+        return f"run {record.id} {record.status}: {record.reason}".rstrip(": ")

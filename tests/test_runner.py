@@ -1,0 +1,484 @@
+"""Project lifecycles in each trigger mode, through a real daemon.
+
+Children are real processes; durations run on trio's MockClock (see the
+`fast_clock` fixture) and the wall clock follows it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+from trio.testing import MockClock
+
+from supervisor.model import ProjectState, RunStatus, RunTrigger
+
+from .daemon_harness import WALL_BASE, running_daemon
+from .helpers import marked_pids, write_script
+
+
+def project_folder(tmp_path: Path, name: str, body: str) -> Path:
+    folder = tmp_path / name
+    write_script(folder, body)
+    return folder
+
+
+async def test_manual_run_records_output_and_success(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(
+        tmp_path,
+        "hello",
+        """
+        printf 'ab'; sleep 0.1; printf 'cd\\n'
+        printf 'out-'; echo 'err-line' >&2; sleep 0.05; echo 'rest'
+        echo "project=$RUNVISOR_PROJECT trigger=$RUNVISOR_TRIGGER"
+        printf 'no-newline-at-end'
+        """,
+    )
+    config = f"""
+    [projects.hello]
+    path = "{tmp_path / "hello"}"
+    trigger = "manual"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        result = daemon.manager.trigger("hello")
+        assert result.run_id is not None
+        (run,) = await daemon.wait_runs("hello", 1)
+        lines = daemon.log_lines("hello", run.id)
+        assert daemon.state("hello") == ProjectState.EXITED
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.exit_code == 0
+    assert run.trigger == RunTrigger.MANUAL
+    assert run.pid is not None
+    assert [text for stream, text in lines if stream == "out"] == [
+        "abcd",
+        "out-rest",
+        "project=hello trigger=manual",
+        "no-newline-at-end",
+    ]
+    assert [text for stream, text in lines if stream == "err"] == ["err-line"]
+
+
+async def test_invalid_bytes_do_not_break_capture(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(
+        tmp_path,
+        "noise",
+        """
+        echo before
+        printf '\\xff\\xfe\\x88 raw\\n'
+        printf 'caf\\xc3'; sleep 0.1; printf '\\xa9\\n'
+        head -c 65536 /dev/urandom; echo
+        for i in 1 2 3 4 5; do echo "after $i"; done
+        echo done
+        """,
+    )
+    config = f"""
+    [projects.noise]
+    path = "{tmp_path / "noise"}"
+    trigger = "manual"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("noise")
+        (run,) = await daemon.wait_runs("noise", 1)
+        texts = [text for _, text in daemon.log_lines("noise", run.id)]
+    assert run.exit_code == 0
+    assert texts[0] == "before"
+    assert texts[1] == "\ufffd\ufffd\ufffd raw"
+    assert texts[2] == "café"
+    assert texts[-6:] == ["after 1", "after 2", "after 3", "after 4", "after 5", "done"]
+
+
+async def test_missing_run_script_fails_the_run_not_the_daemon(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    (tmp_path / "empty").mkdir()
+    project_folder(tmp_path, "fine", "echo fine")
+    config = f"""
+    [projects.broken]
+    path = "{tmp_path / "empty"}"
+    trigger = "manual"
+
+    [projects.fine]
+    path = "{tmp_path / "fine"}"
+    trigger = "manual"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("broken")
+        (broken,) = await daemon.wait_runs("broken", 1)
+        daemon.manager.trigger("fine")
+        (fine,) = await daemon.wait_runs("fine", 1)
+        broken_log = daemon.log_lines("broken", broken.id)
+    assert broken.status == RunStatus.FAILED
+    assert "'./run.sh' does not exist" in broken.reason
+    assert broken_log == [("err", f"runvisor: {broken.reason}")]
+    assert fine.status == RunStatus.SUCCEEDED
+
+
+async def test_manual_overlap_skip_records_skipped_run(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(tmp_path, "slow", "while [ ! -f release ]; do sleep 0.02; done")
+    config = f"""
+    [projects.slow]
+    path = "{tmp_path / "slow"}"
+    trigger = "manual"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        first = daemon.manager.trigger("slow")
+        second = daemon.manager.trigger("slow")
+        (tmp_path / "slow" / "release").touch()
+        runs = await daemon.wait_runs("slow", 2)
+    assert first.outcome == "started"
+    assert second.outcome == "skipped"
+    assert [run.status for run in runs] == [RunStatus.SUCCEEDED, RunStatus.SKIPPED]
+    assert f"run {first.run_id} still running" in runs[1].reason
+
+
+async def test_manual_overlap_queue_keeps_one_waiting(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(
+        tmp_path,
+        "queued",
+        """
+        echo "start $RUNVISOR_RUN_ID" >> starts.log
+        while [ ! -f release ]; do sleep 0.02; done
+        """,
+    )
+    config = f"""
+    [projects.queued]
+    path = "{tmp_path / "queued"}"
+    trigger = "manual"
+    overlap = "queue"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        outcomes = [daemon.manager.trigger("queued").outcome for _ in range(3)]
+        (tmp_path / "queued" / "release").touch()
+        runs = await daemon.wait_runs("queued", 3)
+    assert outcomes == ["started", "queued", "skipped"]
+    statuses = sorted(run.status for run in runs)
+    assert statuses == sorted(
+        [RunStatus.SUCCEEDED, RunStatus.SUCCEEDED, RunStatus.SKIPPED]
+    )
+    assert len((tmp_path / "queued" / "starts.log").read_text().splitlines()) == 2
+
+
+async def test_manual_overlap_replace_stops_the_old_run(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(tmp_path, "replaced", "exec -a t10-replaced sleep 1000")
+    config = f"""
+    [projects.replaced]
+    path = "{tmp_path / "replaced"}"
+    trigger = "manual"
+    overlap = "replace"
+    stop_timeout = "2s"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("replaced")
+        await daemon.wait_for(lambda: len(marked_pids("t10-")) == 1)
+        old_pid = marked_pids("t10-")[0]
+        assert daemon.manager.trigger("replaced").outcome == "replacing"
+        await daemon.wait_for(lambda: marked_pids("t10-") not in ([], [old_pid]))
+        runs = await daemon.wait_runs("replaced", 1)
+        await daemon.manager.stop("replaced")
+    assert runs[0].status == RunStatus.STOPPED
+    assert "replaced by a newer run" in runs[0].reason
+
+
+async def test_timeout_stops_run_as_timed_out(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(tmp_path, "hang", "exec -a t11-hang sleep 1000")
+    config = f"""
+    [projects.hang]
+    path = "{tmp_path / "hang"}"
+    trigger = "manual"
+    timeout = "5m"
+    stop_timeout = "1s"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("hang")
+        (run,) = await daemon.wait_runs("hang", 1)
+    assert run.status == RunStatus.TIMED_OUT
+    assert run.reason == "timed out after 5m"
+    assert run.signal == signal.SIGTERM
+    duration = (run.ended_at - run.started_at).total_seconds()
+    assert 300 <= duration < 302
+    assert marked_pids("t11-") == []
+
+
+async def test_fast_failures_hit_the_restart_limit(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(
+        tmp_path,
+        "flap",
+        """
+        echo "start" >> starts.log
+        echo boom >&2
+        exit 3
+        """,
+    )
+    config = f"""
+    [projects.flap]
+    path = "{folder}"
+    trigger = "always_running"
+    restart = "on-failure"
+    start_seconds = 0
+    restart_limit = 3
+    restart_window = "60s"
+    backoff = {{ initial = "200ms", factor = 2 }}
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_state("flap", ProjectState.FATAL)
+        runs = await daemon.wait_runs("flap", 4)
+        reason = daemon.manager.runner("flap").reason
+    assert len(runs) == 4
+    assert [run.exit_code for run in runs] == [3, 3, 3, 3]
+    assert [run.trigger for run in runs] == [RunTrigger.STARTUP] + [
+        RunTrigger.RESTART
+    ] * 3
+    assert "restart_limit = 3" in reason
+    assert len((folder / "starts.log").read_text().splitlines()) == 4
+
+
+async def test_clean_exit_is_not_restarted_on_failure(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(tmp_path, "once", "echo start >> starts.log; exit 0")
+    config = f"""
+    [projects.once]
+    path = "{folder}"
+    trigger = "always_running"
+    restart = "on-failure"
+    start_seconds = 0
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_state("once", ProjectState.EXITED)
+        (run,) = await daemon.wait_runs("once", 1)
+    assert run.status == RunStatus.SUCCEEDED
+    assert len((folder / "starts.log").read_text().splitlines()) == 1
+
+
+async def test_backoff_gaps_grow_and_reset_after_stable_run(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(
+        tmp_path,
+        "backoff",
+        """
+        n=$(( $(cat n 2>/dev/null || echo 0) + 1 )); echo "$n" > n
+        if [ "$n" -eq 4 ]; then
+          while [ ! -f release ]; do sleep 0.02; done
+        fi
+        exit 1
+        """,
+    )
+    config = f"""
+    [projects.backoff]
+    path = "{folder}"
+    trigger = "always_running"
+    restart = "always"
+    start_seconds = "500ms"
+    max_retries = 20
+    restart_limit = 20
+    backoff = {{ initial = "1s", factor = 2, max = "8s", reset_after = "10s" }}
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_for(
+            lambda: (
+                (folder / "n").exists() and (folder / "n").read_text().strip() == "4"
+            )
+        )
+        # Let run 4 stay up for more than reset_after of simulated time.
+        start = fast_clock.current_time()
+        await daemon.wait_for(lambda: fast_clock.current_time() - start > 15)
+        (folder / "release").touch()
+        runs = await daemon.wait_runs("backoff", 9)
+        await daemon.manager.stop("backoff")
+    runs = runs[:9]
+    gaps = [
+        round((later.started_at - earlier.ended_at).total_seconds())
+        for earlier, later in itertools.pairwise(runs)
+    ]
+    assert gaps == [1, 2, 4, 1, 2, 4, 8, 8]
+
+
+async def test_user_stop_is_not_a_failure_and_not_restarted(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(
+        tmp_path,
+        "graceful",
+        """
+        echo "start $$" >> starts.log
+        trap 'sleep 0.05; exit 1' TERM
+        while :; do sleep 0.05; done
+        """,
+    )
+    config = f"""
+    [projects.graceful]
+    path = "{folder}"
+    trigger = "always_running"
+    restart = "on-failure"
+    backoff = {{ initial = "500ms" }}
+    stop_timeout = "5s"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_state("graceful", ProjectState.RUNNING)
+        restarts_before = daemon.manager.runner("graceful").tracker.restarts
+        await daemon.manager.stop("graceful")
+        start = fast_clock.current_time()
+        await daemon.wait_for(lambda: fast_clock.current_time() - start > 10)
+        (run,) = await daemon.wait_runs("graceful", 1)
+        assert daemon.state("graceful") == ProjectState.STOPPED
+        assert daemon.manager.runner("graceful").tracker.restarts == restarts_before
+    assert len((folder / "starts.log").read_text().splitlines()) == 1
+    assert run.status == RunStatus.STOPPED
+    assert run.reason == "stopped by user"
+    assert run.exit_code == 1
+
+
+async def test_stop_during_backoff_cancels_the_restart(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(
+        tmp_path,
+        "killed",
+        """
+        echo "start $$" >> starts.log
+        exec -a t12-victim sleep 1000
+        """,
+    )
+    config = f"""
+    [projects.killed]
+    path = "{folder}"
+    trigger = "always_running"
+    restart = "on-failure"
+    backoff = {{ initial = "3s" }}
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_state("killed", ProjectState.RUNNING)
+        (pid,) = marked_pids("t12-")
+        import os
+
+        os.kill(pid, signal.SIGKILL)
+        await daemon.wait_state("killed", ProjectState.BACKOFF)
+        await daemon.manager.stop("killed")
+        start = fast_clock.current_time()
+        await daemon.wait_for(lambda: fast_clock.current_time() - start > 10)
+        assert daemon.state("killed") == ProjectState.STOPPED
+    assert len((folder / "starts.log").read_text().splitlines()) == 1
+
+
+async def test_deaf_process_is_killed_after_stop_timeout(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(
+        tmp_path,
+        "deaf",
+        """
+        trap '' TERM INT HUP
+        exec -a t13-deaf bash -c 'trap "" TERM; while :; do echo tick; sleep 1; done'
+        """,
+    )
+    config = f"""
+    [projects.deaf]
+    path = "{tmp_path / "deaf"}"
+    trigger = "manual"
+    stop_timeout = "3s"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("deaf")
+        await daemon.wait_for(lambda: bool(marked_pids("t13-")))
+        stopping_seen: list[bool] = []
+
+        async def watch() -> None:
+            await daemon.wait_state("deaf", ProjectState.STOPPING)
+            stopping_seen.append(bool(marked_pids("t13-")))
+
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await daemon.manager.stop("deaf")
+        (run,) = await daemon.wait_runs("deaf", 1)
+    assert stopping_seen == [True]
+    assert marked_pids("t13-") == []
+    assert run.status == RunStatus.STOPPED
+    assert run.signal == signal.SIGKILL
+    assert "killed with SIGKILL after stop_timeout = 3s" in run.reason
+    duration = (run.ended_at - run.started_at).total_seconds()
+    assert duration >= 3
+
+
+async def test_shutdown_ends_every_group(tmp_path: Path, fast_clock: MockClock) -> None:
+    project_folder(
+        tmp_path,
+        "tree",
+        """
+        (exec -a t14-bg sleep 1000) &
+        (exec -a t14-pipe-a sleep 1000) | (exec -a t14-pipe-b cat) &
+        wait
+        """,
+    )
+    config = f"""
+    [projects.tree]
+    path = "{tmp_path / "tree"}"
+    trigger = "always_running"
+    stop_timeout = "3s"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_for(lambda: len(marked_pids("t14-")) == 3)
+        store = daemon.daemon.store
+    assert marked_pids("t14-") == []
+    assert store is not None
+
+
+async def test_schedule_skips_fires_while_a_run_is_going(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(
+        tmp_path,
+        "cron",
+        """
+        echo "start $RUNVISOR_RUN_ID" >> starts.log
+        if [ ! -f first-done ]; then
+          while [ ! -f release ]; do sleep 0.02; done
+          touch first-done
+        fi
+        """,
+    )
+    config = f"""
+    [projects.cron]
+    path = "{folder}"
+    trigger = "schedule"
+    cron = "* * * * *"
+    timezone = "UTC"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        runs = await daemon.wait_runs("cron", 3)
+        (folder / "release").touch()
+        runs = await daemon.wait_runs("cron", 5)
+        await daemon.manager.stop("cron")
+        runs = await daemon.history("cron")
+    runs.sort(key=lambda run: run.id)
+    first = runs[0]
+    assert first.fire_time == WALL_BASE + timedelta(minutes=1)
+    skipped = [run for run in runs if run.status == RunStatus.SKIPPED]
+    assert len(skipped) >= 2
+    assert all(f"run {first.id} still running" in run.reason for run in skipped)
+    started = [run for run in runs if run.status != RunStatus.SKIPPED]
+    for run in started:
+        assert run.fire_time is not None
+        assert run.fire_time.second == 0
+        lateness = (run.started_at - run.fire_time).total_seconds()
+        assert 0 <= lateness < 2
+    # Never two at once: the second started run began after the first ended.
+    assert started[1].started_at >= first.ended_at
