@@ -120,6 +120,21 @@ class ActiveRun:
         self.scope.cancel()
 
 
+def is_cancellation(error: BaseException) -> bool:
+    """Return whether `error` is trio's Cancelled, alone or grouped.
+
+    A nursery wraps the Cancelled of its tasks in a BaseExceptionGroup, so a
+    plain `except trio.Cancelled` misses a cancellation that passed through
+    one (such as the output pumps of a run).
+    """
+    if isinstance(error, trio.Cancelled):
+        return True
+    if isinstance(error, BaseExceptionGroup):
+        _, rest = error.split(trio.Cancelled)
+        return rest is None
+    return False
+
+
 def utc_now(clock: WallClock) -> datetime:
     return clock.now().astimezone(UTC)
 
@@ -596,7 +611,9 @@ class ProjectRunner:
             logger.warning(
                 "failed to start: project=%s run=%d %s", self.name, record.id, reason
             )
-        except trio.Cancelled:
+        except BaseException as error:
+            if not is_cancellation(error):
+                raise
             record.status = RunStatus.STOPPED
             record.reason = active.stop_reason or self.shutdown_reason
             if active.child is not None and active.child.exit_status is not None:

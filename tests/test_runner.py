@@ -14,6 +14,7 @@ from pathlib import Path
 from trio.testing import MockClock
 
 from supervisor.model import ProjectState, RunStatus, RunTrigger
+from supervisor.store import Database
 
 from .daemon_harness import WALL_BASE, running_daemon
 from .helpers import marked_pids, write_script
@@ -436,9 +437,13 @@ async def test_shutdown_ends_every_group(tmp_path: Path, fast_clock: MockClock) 
     """
     async with running_daemon(tmp_path, config) as daemon:
         await daemon.wait_for(lambda: len(marked_pids("t14-")) == 3)
-        store = daemon.daemon.store
     assert marked_pids("t14-") == []
-    assert store is not None
+    database = Database.open(tmp_path / "data" / "runvisor.db")
+    (run,) = database.history("tree")
+    database.close()
+    assert run.status == RunStatus.STOPPED
+    assert run.reason == "the daemon is shutting down"
+    assert run.signal == signal.SIGTERM
 
 
 async def test_schedule_skips_fires_while_a_run_is_going(
