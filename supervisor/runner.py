@@ -658,6 +658,13 @@ class ProjectRunner:
                     with trio.move_on_after(project.start_seconds):
                         return await child.wait()
                     self._set_state(ProjectState.RUNNING, f"run {active.record.id}")
+                    logger.info(
+                        "running: project=%s run=%d pid=%d up for start_seconds=%s",
+                        self.name,
+                        active.record.id,
+                        child.pid,
+                        format_duration(project.start_seconds),
+                    )
                 return await child.wait()
             if timeout_scope.cancelled_caught and active.stop_reason is None:
                 active.stop_reason = f"timed out after {format_duration(timeout)}"
