@@ -122,10 +122,12 @@ def data_header(tmp_path: Path) -> str:
 
 
 @asynccontextmanager
-async def running_daemon(tmp_path: Path, config_text: str) -> AsyncIterator[Harness]:
+async def running_daemon(
+    tmp_path: Path, config_text: str, *, wall_base: datetime = WALL_BASE
+) -> AsyncIterator[Harness]:
     config_path = tmp_path / "runvisor.toml"
     config_path.write_text(data_header(tmp_path) + textwrap.dedent(config_text))
-    wall = TrioWallClock(WALL_BASE)
+    wall = TrioWallClock(wall_base)
     daemon = Daemon(config_path, clock=wall)
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as inner:

@@ -487,3 +487,65 @@ async def test_schedule_skips_fires_while_a_run_is_going(
         assert 0 <= lateness < 2
     # Never two at once: the second started run began after the first ended.
     assert started[1].started_at >= first.ended_at
+
+
+async def test_catch_up_runs_once_for_fires_missed_while_down(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(tmp_path, "nightly", "echo ran")
+    config = f"""
+    [projects.nightly]
+    path = "{folder}"
+    trigger = "schedule"
+    cron = "0 3 * * *"
+    timezone = "UTC"
+    catch_up = true
+    """
+    first_base = WALL_BASE.replace(hour=2, minute=59)
+    async with running_daemon(tmp_path, config, wall_base=first_base) as daemon:
+        (run,) = await daemon.wait_runs("nightly", 1)
+    assert run.trigger == RunTrigger.SCHEDULE
+    assert run.fire_time == WALL_BASE.replace(hour=3, minute=0)
+
+    # Down for three days: three fire times missed, one catch-up run.
+    later = first_base + timedelta(days=3, hours=2)
+    async with running_daemon(tmp_path, config, wall_base=later) as daemon:
+        runs = await daemon.wait_runs("nightly", 2)
+        assert daemon.manager.runner("nightly").next_fire == later.replace(
+            hour=3, minute=0
+        ) + timedelta(days=1)
+    assert len(runs) == 2
+    assert runs[1].trigger == RunTrigger.CATCH_UP
+    assert runs[1].fire_time == (first_base + timedelta(days=3)).replace(
+        hour=3, minute=0
+    )
+
+
+async def test_history_keeps_the_newest_runs_and_their_logs(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = project_folder(tmp_path, "chatty", 'echo "run $RUNVISOR_RUN_ID"')
+    config = f"""
+    [projects.chatty]
+    path = "{folder}"
+    trigger = "manual"
+    """
+    async with running_daemon(
+        tmp_path,
+        config.replace("[projects.chatty]", "history_keep = 3\n\n[projects.chatty]"),
+    ) as daemon:
+        for _ in range(5):
+            run_id = daemon.manager.trigger("chatty").run_id
+            await daemon.wait_for(
+                lambda run_id=run_id: (
+                    daemon.manager.runner("chatty").last_run is not None
+                    and daemon.manager.runner("chatty").last_run.id == run_id
+                )
+            )
+        logs_dir = tmp_path / "data" / "logs" / "chatty"
+        # Pruning follows the run's final row; wait for the last one.
+        await daemon.wait_for(lambda: len(list(logs_dir.iterdir())) == 3)
+        runs = await daemon.history("chatty")
+        kept_logs = sorted(path.name for path in logs_dir.iterdir())
+    assert [run.id for run in runs] == [5, 4, 3]
+    assert kept_logs == ["3.log", "4.log", "5.log"]
