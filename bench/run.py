@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 from bench import report
 from bench.peers import PEERS
 from bench.peers.base import BENCH_DIR, Peer, PeerMissing
+from bench.peers.runvisor import Runvisor
 from bench.scenarios import SCENARIOS
 
 logger = logging.getLogger("bench")
@@ -67,6 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="results page to write (default: bench/RESULTS.md, or RESULTS.md "
         "inside --out-dir when that is given)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample every runvisor daemon with py-spy into DIR "
+        "(summarize with bench/profile.py)",
     )
     parser.add_argument(
         "--fresh",
@@ -214,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     args = parse_args(argv)
+    if args.profile is not None:
+        Runvisor.profile_dir = args.profile.resolve()
     results = run(args)
     failed = [
         f"{title}/{peer}"

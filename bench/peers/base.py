@@ -58,7 +58,7 @@ class Project:
 class Settings:
     """Settings given to every peer in the same way.
 
-    `fast_restart` asks for each peer's smallest restart delay.
+    `fast_restart` requests each peer's smallest restart delay.
     """
 
     start_seconds: float = 1.0
@@ -73,7 +73,7 @@ class Start:
 
 
 class Workspace:
-    """A temporary folder that holds one benchmark run's projects and peer state.
+    """A temporary folder with one benchmark run's projects and peer state.
 
     Its marker (`rvbench-<hex>`) is in the folder's path, in the environment
     of every process started from here, and in the `exec -a` names of the
@@ -153,13 +153,13 @@ def read_starts(project: Project) -> list[Start]:
 class Peer(abc.ABC):
     """A process manager driven by the benchmark.
 
-    An adapter holds at most one daemon at a time. Every method is bounded in
+    An adapter drives at most one daemon at a time. Every method is bounded in
     time and raises `procs.BenchTimeout` or `RuntimeError` when the peer does
     not do what was requested.
     """
 
     name: ClassVar[str]
-    # What the RSS and CPU figures of `daemon_pids()` count, for the report.
+    # The processes that the RSS and CPU figures of `daemon_pids()` count.
     counted: ClassVar[str]
     # Optional features a scenario may need and a peer may lack:
     # "schedule" (starts at cron fire times).
@@ -192,7 +192,7 @@ class Peer(abc.ABC):
     @abc.abstractmethod
     def start_daemon(self) -> None:
         """Start the daemon (which starts always-running projects); wait until
-        its control interface answers."""
+        its control interface responds."""
 
     @abc.abstractmethod
     def daemon_pids(self) -> list[int]:

@@ -4,8 +4,8 @@
 stderr. Logs are files under `<data_dir>/logs/<project>/<run_id>.log`, one
 line per output line after a time stamp and the stream name. Commands that
 need the control socket (`stop`, `restart`, `trigger`, live `status`) are
-used when the installed CLI has them, and `missing_feature` says which are
-absent, so scenarios that need them are skipped with that reason.
+used when the installed CLI has them. `missing_feature` returns which are
+absent, and scenarios that need them are skipped with that reason.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
-from bench import procs
+from bench import procs, profile
 from bench.peers.base import BENCH_DIR, REPO_DIR, Peer, PeerMissing, Project, Settings
 
 
@@ -68,6 +69,9 @@ class Runvisor(Peer):
     name = "runvisor"
     counted = "the `runvisor serve` process"
     features = frozenset({"schedule"})
+    # When set, every daemon is sampled with py-spy into this folder.
+    profile_dir: ClassVar[Path | None] = None
+    _profiler: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def version(cls) -> str:
@@ -167,6 +171,9 @@ class Runvisor(Peer):
             stderr=open(self._stderr_path, "wb"),  # noqa: SIM115
         )
         procs.wait_for(self._ready, 120, "runvisor to report it is running", 0.01)
+        if self.profile_dir is not None:
+            output = self.profile_dir / f"{self.ws.root.name}.txt"
+            self._profiler = profile.start(self.daemon.pid, output, self.env)
 
     def _ready(self) -> bool:
         if self.daemon is not None and self.daemon.poll() is not None:
@@ -220,7 +227,7 @@ class Runvisor(Peer):
         states = {}
         for row in rows:
             state = row.get("state")
-            if state is None:  # the status read from the store when no daemon answers
+            if state is None:  # the status read from the store when no daemon responds
                 last_run = row.get("last_run") or {}
                 state = last_run.get("status", "stopped")
             states[row["name"]] = state
@@ -249,6 +256,16 @@ class Runvisor(Peer):
         except FileNotFoundError:
             return []
         return sorted(files, key=lambda p: int(p.stem) if p.stem.isdigit() else 0)
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self._profiler is not None:
+            # py-spy writes its output once the daemon has exited.
+            try:
+                self._profiler.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._profiler.kill()
+                self._profiler.wait()
 
     def request_shutdown(self) -> None:
         if self.daemon is not None:

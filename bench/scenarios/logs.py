@@ -54,7 +54,7 @@ def count_lost(files: list[Path], count: int) -> tuple[int, int]:
     """Return (lost, garbled): sequence numbers never seen, and malformed lines.
 
     A line is whole when it ends with the writer's padding after an 8-digit
-    number; a peer's own prefix (time stamp, stream) before it is allowed.
+    number. A peer's own prefix (time stamp, stream) before it is allowed.
     """
     seen = bytearray(count)
     garbled = 0
@@ -114,8 +114,8 @@ def _one_mode(peer_cls: type[Peer], mode: str, count: int) -> Metrics:
         clock = time.perf_counter()
         _release(fifo)
 
-        # Done when every line is in; or when the writer has exited and the
-        # log has not grown for 3 s (lines were lost); or after 10 minutes.
+        # Stop waiting when every line is in, when the writer has exited and
+        # the log has not grown for 3 s (so lines were lost), or at 10 minutes.
         last_growth = time.perf_counter()
         last_lines = 0
         while counter.poll() < count:
