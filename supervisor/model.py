@@ -118,6 +118,16 @@ class RunEvent(msgspec.Struct, kw_only=True):
     detail: str = ""
 
 
+class CredentialInfo(msgspec.Struct, kw_only=True):
+    """A row of the credential index. The secret itself lives only in the
+    credential backend."""
+
+    nickname: str
+    description: str
+    created_at: datetime
+    updated_at: datetime
+
+
 # Live events, pushed to subscribers of the control socket. The tag is the
 # event name that `runvisor events` prints.
 

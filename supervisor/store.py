@@ -44,7 +44,7 @@ import sqlite_utils
 import trio
 
 from .errors import StoreError
-from .model import RunEvent, RunRecord, RunStatus
+from .model import CredentialInfo, RunEvent, RunRecord, RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,24 @@ def _migration_1_initial_schema(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX events_by_run ON events (run_id)")
 
 
+def _migration_2_credential_index(db: sqlite_utils.Database) -> None:
+    # keyring cannot list what it stores, so the nicknames live here. The
+    # secrets never do: they stay in the credential backend.
+    db.execute(
+        """
+        CREATE TABLE credentials (
+            nickname TEXT PRIMARY KEY,
+            description TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1_initial_schema,
+    _migration_2_credential_index,
 ]
 """Schema migrations in order. Migration N brings the schema to version N."""
 
@@ -328,6 +344,50 @@ class Database:
                 [project, project],
             )
         return deleted
+
+    def credentials(self) -> list[CredentialInfo]:
+        """Return the credential index, sorted by nickname."""
+        rows = self._query("SELECT * FROM credentials ORDER BY nickname")
+        return [msgspec.convert(row, CredentialInfo) for row in rows]
+
+    def get_credential(self, nickname: str) -> CredentialInfo | None:
+        rows = self._query("SELECT * FROM credentials WHERE nickname = ?", [nickname])
+        return msgspec.convert(rows[0], CredentialInfo) if rows else None
+
+    def add_credential(self, nickname: str, description: str, now: datetime) -> bool:
+        """Add a nickname to the index. Returns False when it is already there."""
+        stamp = format_timestamp(now)
+        with self._lock, self._write_transaction():
+            cursor = self._db.execute(
+                "INSERT INTO credentials"
+                " (nickname, description, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (nickname) DO NOTHING",
+                [nickname, description, stamp, stamp],
+            )
+            return bool(cursor.rowcount)
+
+    def update_credential(
+        self, nickname: str, description: str | None, now: datetime
+    ) -> bool:
+        """Set `updated_at`, and the description unless it is None.
+
+        Returns False when the nickname is not in the index.
+        """
+        with self._lock, self._write_transaction():
+            cursor = self._db.execute(
+                "UPDATE credentials SET updated_at = ?,"
+                " description = coalesce(?, description) WHERE nickname = ?",
+                [format_timestamp(now), description, nickname],
+            )
+            return bool(cursor.rowcount)
+
+    def delete_credential(self, nickname: str) -> bool:
+        """Remove a nickname. Returns False when it was not in the index."""
+        with self._lock, self._write_transaction():
+            cursor = self._db.execute(
+                "DELETE FROM credentials WHERE nickname = ?", [nickname]
+            )
+            return bool(cursor.rowcount)
 
     def _write_rows(self, run_rows: list[Row], event_rows: list[Row]) -> None:
         with self._lock, self._write_transaction():

@@ -271,7 +271,8 @@ def test_migrations_apply_once_across_reopens(
 ) -> None:
     first = Database.open(db_path)
     first.write_batch([run(1)], [])
-    assert first.schema_version() == 1
+    latest = len(store_module.MIGRATIONS)
+    assert first.schema_version() == latest
     first.close()
 
     calls: list[int] = []
@@ -285,7 +286,7 @@ def test_migrations_apply_once_across_reopens(
     )
     for _ in range(3):
         reopened = Database.open(db_path)
-        assert reopened.schema_version() == 2
+        assert reopened.schema_version() == latest + 1
         assert [r.id for r in reopened.history()] == [1]
         reopened.close()
     assert calls == [1]
@@ -487,3 +488,38 @@ async def test_put_rejects_naive_timestamp_at_once(db_path: Path) -> None:
     with trio.fail_after(1):
         await store.flush()
     store.close()
+
+
+def test_credential_index_round_trip(db_path: Path) -> None:
+    db = Database.open(db_path)
+    later = T0 + timedelta(minutes=5)
+
+    assert db.add_credential("notion", "Notion API key", T0)
+    assert db.add_credential("db-pass", "", T0)
+    assert not db.add_credential("notion", "again", later)
+    assert db.update_credential("notion", None, later)
+    assert db.update_credential("db-pass", "database password", later)
+    assert not db.update_credential("missing", "x", later)
+
+    listed = db.credentials()
+    assert [entry.nickname for entry in listed] == ["db-pass", "notion"]
+    notion = db.get_credential("notion")
+    assert notion is not None
+    assert notion.description == "Notion API key"
+    assert notion.created_at == T0
+    assert notion.updated_at == later
+    assert listed[0].description == "database password"
+
+    assert db.delete_credential("notion")
+    assert not db.delete_credential("notion")
+    assert db.get_credential("notion") is None
+    db.close()
+
+
+def test_credential_index_is_shared_between_connections(db_path: Path) -> None:
+    daemon_side = Database.open(db_path)
+    cli_side = Database.open(db_path)
+    cli_side.add_credential("token", "", T0)
+    assert [entry.nickname for entry in daemon_side.credentials()] == ["token"]
+    daemon_side.close()
+    cli_side.close()
