@@ -24,6 +24,7 @@ import trio
 
 from supervisor.config import Config, ConfigDiff, check_config, load_config
 from supervisor.credentials import CredentialLookup, NoCredentialStore
+from supervisor.errors import StoreError
 from supervisor.logs import Hub
 from supervisor.manager import Manager
 from supervisor.model import ReloadEvent
@@ -95,7 +96,14 @@ class Daemon:
         self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run until SIGTERM, SIGINT or `request_shutdown`."""
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as error:
+            raise StoreError(
+                f"Cannot create the data dir {str(self.data_dir)!r}: "
+                f"{error.strerror or error}. Set [runvisor] data_dir to a "
+                "writable folder."
+            ) from None
         store = Store.open(self.data_dir / DATABASE_NAME)
         self.store = store
         if become_subreaper():
