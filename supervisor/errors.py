@@ -10,7 +10,8 @@
     ├── ControlError              control socket failures
     │   ├── DaemonNotRunning      nothing listens on the control socket
     │   └── ProtocolError         malformed or oversized frame
-    └── UnknownProject            a request names a project not in the config
+    ├── UnknownProject            a request names a project not in the config
+    └── ExportError               a project cannot be exported to another engine
 
 Messages are whole sentences that name the value and say what to do.
 """
@@ -69,3 +70,7 @@ class UnknownProject(RunvisorError):
             f"Project {name!r} is not in the config. "
             "Run 'runvisor status' to list the configured projects."
         )
+
+
+class ExportError(RunvisorError):
+    """A project uses a setting that the chosen export format cannot express."""
