@@ -195,9 +195,71 @@ def cmd_next(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Distributions whose versions `runvisor version --verbose` prints.
+REPORTED_LIBRARIES = (
+    "trio",
+    "croniter",
+    "keyring",
+    "sqlite-utils",
+    "msgspec",
+    "prompt_toolkit",
+    "platformdirs",
+    "tomlkit",
+    "h11",
+    "cryptography",
+    "cron-descriptor",
+)
+
+
 def cmd_version(args: argparse.Namespace) -> int:
+    if not (args.verbose or args.json):
+        print(f"runvisor {__version__}")
+        return EXIT_OK
+
+    import platform
+    from importlib import metadata
+
+    from keyring.backend import get_all_keyring
+
+    libraries: dict[str, str | None] = {}
+    for name in REPORTED_LIBRARIES:
+        try:
+            libraries[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            libraries[name] = None
+    # Every backend keyring can use here: those whose priority check passes.
+    backends = sorted(get_all_keyring(), key=lambda ring: -ring.priority)
+    frozen = bool(getattr(sys, "frozen", False))
+    if args.json:
+        print_json(
+            {
+                "runvisor": __version__,
+                "python": platform.python_version(),
+                "frozen": frozen,
+                "libraries": libraries,
+                "keyring_backends": [
+                    {"class": _class_path(ring), "priority": ring.priority}
+                    for ring in backends
+                ],
+            }
+        )
+        return EXIT_OK
+
     print(f"runvisor {__version__}")
+    build = "single executable" if frozen else sys.executable
+    print(f"Python {platform.python_version()} ({build})")
+    print("libraries:")
+    for name, version in libraries.items():
+        print(f"  {name:<16} {version or 'not installed'}")
+    print("keyring backends (priority, class):")
+    for ring in backends:
+        print(f"  {ring.priority:>4g}  {_class_path(ring)}")
     return EXIT_OK
+
+
+def _class_path(instance: object) -> str:
+    kind = type(instance)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 # -- parser -------------------------------------------------------------------
@@ -269,7 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     version = commands.add_parser(
         "version", help="versions of runvisor and its libraries"
     )
-    version.add_argument("--verbose", action="store_true")
+    version.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print Python's version, the libraries' versions and the "
+        "keyring backends available with their priority",
+    )
+    version.add_argument(
+        "--json", action="store_true", help="print the verbose output as JSON"
+    )
     version.set_defaults(handler=cmd_version)
     return parser
 
