@@ -14,7 +14,7 @@ from .helpers import marked_pids
 
 # Prefixes of marker names (exec -a) used by the tests; anything left alive
 # after a test is a leak that the test itself should have prevented.
-MARKER_PREFIXES = ("t0", "t1", "e2e-", "f0", "f1", "f2")
+MARKER_PREFIXES = ("t0", "t1", "e2e-", "f0", "f1", "f2", "fault-")
 
 
 @pytest.fixture(autouse=True)
