@@ -5,6 +5,9 @@
 set -euo pipefail
 
 packages=(bash procps)
+# systemd: systemd-analyze checks the unit, systemd-sysusers creates the
+# user in the install script's tests.
+packages+=(systemd)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
