@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from trio.testing import MockClock
@@ -25,6 +27,17 @@ def no_leftover_processes() -> Iterator[None]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert leftovers == [], f"processes left running by the test: {leftovers}"
+
+
+@pytest.fixture
+def runvisor_command() -> list[str]:
+    """The command that runs runvisor in end-to-end tests: the single
+    executable named by RUNVISOR_BINARY (`make test-frozen` sets it), or the
+    source tree with this Python."""
+    binary = os.environ.get("RUNVISOR_BINARY")
+    if binary:
+        return [str(Path(binary).resolve())]
+    return [sys.executable, "-m", "supervisor"]
 
 
 @pytest.fixture
