@@ -8,6 +8,9 @@ packages=(bash procps)
 # systemd: systemd-analyze checks the unit, systemd-sysusers creates the
 # user in the install script's tests.
 packages+=(systemd)
+# The credential tests run a real Secret Service: gnome-keyring-daemon on a
+# private session bus, which dbus-daemon (also dbus-run-session) provides.
+packages+=(gnome-keyring dbus dbus-daemon)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
