@@ -23,7 +23,13 @@ from pathlib import Path
 import trio
 
 from supervisor.config import Config, ConfigDiff, check_config, load_config
-from supervisor.credentials import CredentialLookup, NoCredentialStore
+from supervisor.credential_file import take_key_environment
+from supervisor.credentials import (
+    BackendCredentials,
+    CredentialLookup,
+    credential_warnings,
+    known_credentials,
+)
 from supervisor.errors import StoreError
 from supervisor.logs import Hub
 from supervisor.manager import Manager
@@ -77,7 +83,12 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock or SystemClock()
         self.config: Config = load_config(config_path)
-        self.credentials: CredentialLookup = credentials or NoCredentialStore()
+        # An injected lookup (tests) is kept as it is. Otherwise `serve`
+        # builds one from [credentials] backend, and a reload that changes
+        # that setting or the data dir builds a new one.
+        self._owns_credentials = credentials is None
+        self.credentials: CredentialLookup | None = credentials
+        self._key_environment: dict[str, str] = {}
         self.hub = Hub()
         self.store: Store | None = None
         self.manager: Manager | None = None
@@ -104,12 +115,17 @@ class Daemon:
                 f"{error.strerror or error}. Set [runvisor] data_dir to a "
                 "writable folder."
             ) from None
+        self._key_environment = take_key_environment()
         store = Store.open(self.data_dir / DATABASE_NAME)
         self.store = store
         if become_subreaper():
             logger.debug("runvisor is the child subreaper of its runs")
         try:
             await self._recover_lost_runs(store)
+            if self.credentials is None:
+                self.credentials = await self._open_credentials(self.config)
+            for warning in await self._credential_warnings(self.config):
+                logger.warning("config: %s", warning)
             context = RuntimeContext(
                 store=store,
                 hub=self.hub,
@@ -169,6 +185,30 @@ class Daemon:
                 for record in lost:
                     nursery.start_soon(end_lost_run, record)
 
+    async def _open_credentials(self, config: Config) -> BackendCredentials:
+        """Choose the credential backend and log which one, once."""
+        lookup = BackendCredentials(
+            config.credentials.backend,
+            Path(config.runvisor.data_dir),
+            self._key_environment,
+        )
+        await lookup.open()
+        if lookup.info is not None:
+            logger.info(
+                "credentials: %s (%s)", lookup.info.summary(), lookup.info.reason
+            )
+        else:
+            logger.warning(
+                "credentials: %s Runs that map a credential fail until then.",
+                lookup.problem,
+            )
+        return lookup
+
+    async def _credential_warnings(self, config: Config) -> list[str]:
+        database = Path(config.runvisor.data_dir) / DATABASE_NAME
+        known = await trio.to_thread.run_sync(known_credentials, database)
+        return credential_warnings(config, known)
+
     async def reload(self, *, dry_run: bool = False) -> ReloadOutcome:
         """Validate the config file whole, then apply it as a diff.
 
@@ -211,12 +251,20 @@ class Daemon:
                     )
                 )
             return outcome
+        warnings += await self._credential_warnings(config)
         for warning in warnings:
             logger.warning("config: %s", warning)
         assert self.manager is not None
         if dry_run:
             diff = self.manager.preview(config)
             return ReloadOutcome(True, True, diff, (), tuple(warnings), now)
+        backend_changed = (
+            config.credentials != self.config.credentials
+            or config.runvisor.data_dir != self.config.runvisor.data_dir
+        )
+        if self._owns_credentials and backend_changed:
+            self.credentials = await self._open_credentials(config)
+            self.manager.context.credentials = self.credentials
         diff = await self.manager.apply(config)
         self.config = config
         outcome = ReloadOutcome(True, False, diff, (), tuple(warnings), now)
