@@ -75,7 +75,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from supervisor.config import check_config, find_config_path
 
     path = Path(args.path) if args.path else find_config_path(args.config)
-    _, errors, warnings = check_config(path)
+    config, errors, warnings = check_config(path)
+    if config is not None:
+        warnings += _credential_warnings(config)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if errors:
@@ -84,6 +86,20 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print("ok")
     return EXIT_OK
+
+
+def _credential_warnings(config: Any) -> list[str]:
+    """Warn about mappings to credentials that the index does not hold."""
+    from supervisor.credentials import credential_warnings, known_credentials
+    from supervisor.daemon import DATABASE_NAME
+    from supervisor.errors import StoreError
+
+    database = Path(config.runvisor.data_dir) / DATABASE_NAME
+    try:
+        known = known_credentials(database)
+    except StoreError as error:
+        return [f"cannot check credential nicknames: {error}"]
+    return credential_warnings(config, known)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -262,7 +278,70 @@ def _class_path(instance: object) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def cmd_creds(args: argparse.Namespace) -> int:
+    from supervisor.credential_commands import run_command
+
+    return run_command(args)
+
+
 # -- parser -------------------------------------------------------------------
+
+
+def add_creds_commands(commands: Any) -> None:
+    """Add `creds list|add|update|get|delete|backend` to the subcommands."""
+    creds = commands.add_parser(
+        "creds",
+        help="manage global credentials (secrets in the OS keychain or the "
+        "encrypted file store)",
+        description="Manage global credentials. A secret is read with hidden "
+        "input on a terminal, or from standard input when it is not a terminal "
+        "(one trailing newline is removed); never from an argument.",
+    )
+    creds.set_defaults(handler=cmd_creds)
+    actions = creds.add_subparsers(dest="creds_command", metavar="ACTION")
+    actions.required = True
+
+    listing = actions.add_parser(
+        "list",
+        help="nicknames, descriptions, times and the projects that map each "
+        "(never the secrets)",
+    )
+    listing.add_argument("--json", action="store_true", help="print one JSON document")
+
+    add = actions.add_parser("add", help="store a new credential")
+    add.add_argument("name", help="nickname: letters, digits, '_', '.' or '-'")
+    add.add_argument("--description", metavar="TEXT", help="what the secret is for")
+
+    update = actions.add_parser("update", help="replace a credential's secret")
+    update.add_argument("name")
+    update.add_argument("--description", metavar="TEXT", help="a new description")
+    update.add_argument(
+        "--keep-secret",
+        action="store_true",
+        help="change only the description, without reading a new secret",
+    )
+
+    get = actions.add_parser(
+        "get",
+        help="print a credential's secret to standard output, byte for byte "
+        "(this prints a secret)",
+    )
+    get.add_argument("name")
+
+    delete = actions.add_parser("delete", help="delete a credential")
+    delete.add_argument("name")
+    delete.add_argument(
+        "--force",
+        action="store_true",
+        help="delete it even when projects of the config map it",
+    )
+
+    backend = actions.add_parser(
+        "backend",
+        help="which backend stores the secrets, and where the file store's "
+        "key comes from",
+    )
+    backend.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the verbose output as JSON"
     )
     version.set_defaults(handler=cmd_version)
+
+    add_creds_commands(commands)
     return parser
 
 
