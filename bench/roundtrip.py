@@ -61,9 +61,17 @@ def _circus(endpoint: str) -> Callable[[], object]:
 
 
 def _runvisor(endpoint: str) -> Callable[[], object]:
-    from bench.peers.runvisor_client import status_caller
+    from pathlib import Path
 
-    return status_caller(endpoint)
+    from supervisor.control import Client
+    from supervisor.protocol import StatusRequest
+
+    client = Client.connect(Path(endpoint))
+
+    def status() -> object:
+        return client.request(StatusRequest())
+
+    return status
 
 
 CLIENTS = {"supervisord": _supervisord, "circus": _circus, "runvisor": _runvisor}

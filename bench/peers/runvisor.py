@@ -93,7 +93,7 @@ class Runvisor(Peer):
         commands = cli_commands()
         needs = {
             "schedule": set(),
-            "stop": {"stop", "restart"},
+            "stop": {"stop", "start"},
             "control": {"stop"},
         }.get(feature)
         if needs is None:
@@ -181,7 +181,10 @@ class Runvisor(Peer):
                 f"runvisor serve exited with {self.daemon.returncode}: "
                 f"{self._stderr_path.read_text()[-2000:]}"
             )
-        return b" running: config=" in self._stderr_path.read_bytes()
+        if b" running: config=" not in self._stderr_path.read_bytes():
+            return False
+        # With a control server, ready means its socket exists too.
+        return self.missing_feature("control") is not None or self._socket.exists()
 
     def daemon_pids(self) -> list[int]:
         return [self.daemon.pid] if self.daemon is not None else []
@@ -219,7 +222,7 @@ class Runvisor(Peer):
         if reason:
             raise PeerMissing(reason)
         for name in names:
-            self._cli("restart", name)
+            self._cli("start", name)
 
     def status(self) -> dict[str, str]:
         document = json.loads(self._cli("status", "--json").stdout)
