@@ -344,6 +344,59 @@ def add_creds_commands(commands: Any) -> None:
     backend.add_argument("--json", action="store_true", help="print one JSON document")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from supervisor.export.command import run_export
+
+    return run_export(args)
+
+
+def add_export_command(commands: Any) -> None:
+    """Add `export FORMAT`, which writes what systemd, Kubernetes or Nomad
+    run for the projects of the config."""
+    export = commands.add_parser(
+        "export",
+        help="write systemd units, Kubernetes manifests or Nomad jobs for the projects",
+    )
+    export.add_argument("format", choices=["systemd", "kubernetes", "nomad"])
+    export.add_argument(
+        "--config", metavar="PATH", default=argparse.SUPPRESS, help="config file"
+    )
+    export.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write one file per project and kind into DIR (default: print "
+        "every file to stdout)",
+    )
+    export.add_argument(
+        "--project",
+        metavar="NAME",
+        nargs="+",
+        action="extend",
+        help="export only these projects (default: all)",
+    )
+    export.add_argument(
+        "--k8s-source",
+        choices=["configmap", "image"],
+        default="configmap",
+        help="kubernetes: ship the project folder in a ConfigMap, or expect it "
+        "in the image given by --image (default: configmap)",
+    )
+    export.add_argument(
+        "--image",
+        metavar="NAME",
+        help="kubernetes: container image (default for configmap: "
+        "docker.io/library/python:3.11-slim)",
+    )
+    export.add_argument(
+        "--k8s-secret",
+        metavar="NAME",
+        default="runvisor-credentials",
+        help="kubernetes: Secret that holds the credentials (default: "
+        "runvisor-credentials)",
+    )
+    export.set_defaults(handler=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runvisor",
@@ -422,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     version.set_defaults(handler=cmd_version)
 
     add_creds_commands(commands)
+    add_export_command(commands)
     return parser
 
 
