@@ -1,8 +1,8 @@
 """A real Secret Service for tests: a private D-Bus session bus with
 gnome-keyring-daemon on it, unlocked, in a fresh HOME.
 
-The bus uses its own config: it listens in a temporary folder and activates
-no services, so nothing but the keyring started here answers on it.
+The bus uses its own config. It listens in a temporary folder and activates
+no services, so only the keyring started here is registered on it.
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ DUMP_ENVIRONMENT = (
 
 
 def source_env_file(folder: Path, names: list[str]) -> dict[str, bytes]:
-    """Source `.env.local` in a real bash and return the named variables as
-    the child process of that bash sees them."""
+    """Source `.env.local` in a real bash and return the named variables
+    from the environment of a child process of that bash."""
     script = (
         "set -euo pipefail\n"
         "source ./.env.local\n"
@@ -184,7 +184,7 @@ def test_env_file_is_private_while_written(
     tmp_path: Path, open_umask: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # fsync runs after the content is written and before the rename, so the
-    # mode it sees is the mode of the file while it holds the secrets.
+    # mode recorded there is the mode of the file while it contains secrets.
     modes: list[int] = []
     real_fsync = os.fsync
 
@@ -307,8 +307,8 @@ async def test_lookup_sees_later_changes(tmp_path: Path) -> None:
 class HangingBackend:
     """A backend whose calls block until released.
 
-    A keychain that never answers cannot be produced on demand, so this
-    stands in for one; the timeout logic around it is the real one.
+    A keychain that never responds cannot be produced on demand, so this
+    fake replaces one. The timeout logic around it is the real one.
     """
 
     info = BackendInfo(kind="keyring", name="tests.HangingBackend", reason="test")
