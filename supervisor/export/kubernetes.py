@@ -87,11 +87,11 @@ def export_project(
             "project folder as its working directory."
         )
 
-    documents: list[tuple[str, Document]] = []
+    # The ConfigMap's file list is filled in last, so that a schedule with
+    # no exact form is reported before any problem with the folder.
+    items: list[Document] = []
     volumes: list[Document] = []
     if options.k8s_source == "configmap":
-        configmap, items = _configmap(project, name, labels, notes)
-        documents.append(("configmap", configmap))
         volumes = [
             {
                 "name": "source",
@@ -101,12 +101,17 @@ def export_project(
         ]
     pod = _pod_spec(project, name, image, options, volumes, notes)
 
+    documents: list[tuple[str, Document]] = []
     if project.trigger == TriggerMode.ALWAYS_RUNNING:
         documents.append(("deployment", _deployment(project, name, labels, pod)))
     elif project.trigger == TriggerMode.SCHEDULE:
         documents.append(("cronjob", _cronjob(project, name, labels, pod, notes)))
     else:
         documents.append(("job", _job(project, name, labels, pod, notes)))
+    if options.k8s_source == "configmap":
+        configmap, files = _configmap(project, name, labels, notes)
+        items += files
+        documents.insert(0, ("configmap", configmap))
 
     header = header_lines(FORMAT, config, project)
     header += _secret_comment(project, options)
