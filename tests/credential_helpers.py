@@ -56,8 +56,14 @@ def base_environment(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def write_config(tmp_path: Path, backend: str = "auto", projects: str = "") -> Path:
-    path = tmp_path / "runvisor.toml"
+def write_config(
+    tmp_path: Path,
+    backend: str = "auto",
+    projects: str = "",
+    name: str = "runvisor.toml",
+) -> Path:
+    """Write a config with its data dir in `tmp_path / "data"`."""
+    path = tmp_path / name
     path.write_text(
         textwrap.dedent(
             f"""\
