@@ -17,12 +17,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from .helpers import marked_pids, wait_until_gone, write_script
+from .secret_service import SecretService, running_secret_service
 from .serve_process import (
     config_text,
     fresh_environment,
@@ -74,7 +75,7 @@ REPORTED_LIBRARIES = (
 # 10 s check the same as 60 s would, in a sixth of the time.
 CLEANER_CHECK_SECONDS = 10.0
 
-# A project that stops cleanly on SIGTERM and then writes bye.txt. It writes
+# A project that writes bye.txt and exits 0 on SIGTERM. It writes
 # trapped.txt once its trap is set: a signal before that would kill it.
 TERM_TRAP_SCRIPT = """
 exec -a f21-term bash -c '
@@ -395,3 +396,117 @@ def test_daemon_survives_a_temp_cleaner(binary: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "bye.txt").read_text() == "bye\n"
     assert unpacked_folders(env) == []
     assert "Traceback" not in daemon.log()
+
+
+# Keyring backends
+
+
+@pytest.fixture
+def secret_service(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SecretService]:
+    # A folder with a short path: the bus socket's path must fit in 107 bytes.
+    with running_secret_service(tmp_path_factory.mktemp("bus")) as service:
+        yield service
+
+
+def check_same_credentials(
+    binary: Path, tmp_path: Path, env: dict[str, str], backend: str
+) -> dict[str, str]:
+    """Store and read credentials from the source tree and the executable
+    crosswise, then check that a run of the executable's daemon gets one.
+
+    Returns the backend that `creds backend --json` reports for both.
+    """
+    source, frozen = SOURCE_COMMAND, [str(binary)]
+    project = output_project(
+        tmp_path,
+        "p",
+        'echo "X=$X"',
+        env='[projects.p.env]\nX = { credential = "X" }\n',
+    )
+    config = tmp_path / "runvisor.toml"
+    config.write_text(config_text(tmp_path, project, credentials=backend))
+
+    reports = []
+    for command in (source, frozen):
+        result = run_cli(command, config, "creds", "backend", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads(result.stdout))
+    assert reports[1]["kind"] == reports[0]["kind"]
+    assert reports[1]["name"] == reports[0]["name"]
+
+    for writer, reader, nickname, value in (
+        (source, frozen, "X", "v1"),
+        (frozen, source, "Y", "w1"),
+    ):
+        added = run_cli(
+            writer, config, "creds", "add", nickname, env=env, stdin=value + "\n"
+        )
+        assert added.returncode == 0, added.stderr
+        read = run_cli(reader, config, "creds", "get", nickname, env=env)
+        assert read.returncode == 0, read.stderr
+        assert read.stdout == value
+
+    with serving(frozen, config, tmp_path, env) as daemon:
+        seen = read_when_written(tmp_path / "p" / "out.txt", 10, daemon.log())
+    assert seen == "X=v1\n"
+    report: dict[str, str] = reports[0]
+    return report
+
+
+def test_secret_service_same_as_source(
+    binary: Path, tmp_path: Path, secret_service: SecretService
+) -> None:
+    env = fresh_environment(tmp_path)
+    env["HOME"] = str(secret_service.home)
+    env["DBUS_SESSION_BUS_ADDRESS"] = secret_service.address
+
+    report = check_same_credentials(binary, tmp_path, env, backend="keyring")
+
+    assert report["kind"] == "keyring"
+    assert report["name"] == "keyring.backends.SecretService.Keyring"
+
+
+def test_secret_service_named_by_variable(
+    binary: Path, tmp_path: Path, secret_service: SecretService
+) -> None:
+    env = fresh_environment(tmp_path)
+    env["HOME"] = str(secret_service.home)
+    env["DBUS_SESSION_BUS_ADDRESS"] = secret_service.address
+    env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.SecretService.Keyring"
+
+    report = check_same_credentials(binary, tmp_path, env, backend="keyring")
+
+    assert report["name"] == "keyring.backends.SecretService.Keyring"
+    assert "PYTHON_KEYRING_BACKEND" in report["reason"]
+
+
+def test_secret_service_backend_in_version(
+    binary: Path, tmp_path: Path, secret_service: SecretService
+) -> None:
+    env = fresh_environment(tmp_path)
+    env["HOME"] = str(secret_service.home)
+    env["DBUS_SESSION_BUS_ADDRESS"] = secret_service.address
+    config = tmp_path / "runvisor.toml"
+    config.write_text(config_text(tmp_path, ""))
+
+    backends = []
+    for command in (SOURCE_COMMAND, [str(binary)]):
+        result = run_cli(command, config, "version", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        backends.append(json.loads(result.stdout)["keyring_backends"])
+
+    assert backends[1] == backends[0]
+    assert {"class": "keyring.backends.SecretService.Keyring", "priority": 5} in (
+        backends[1]
+    )
+
+
+def test_file_store_same_as_source(binary: Path, tmp_path: Path) -> None:
+    env = fresh_environment(tmp_path)
+    env["RUNVISOR_CREDENTIALS_KEY"] = "test key material for the file store"
+
+    report = check_same_credentials(binary, tmp_path, env, backend="file")
+
+    assert report["kind"] == "file"
