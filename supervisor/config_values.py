@@ -294,10 +294,22 @@ def check_http_url(problems: Problems, key: Key, value: object) -> str | None:
         reason = "the URL has no host"
     elif re.search(r"[\s\x00-\x1f\x7f]", url):
         reason = "the URL contains whitespace or control characters"
+    elif not url.isascii():
+        reason = "the URL contains non-ASCII characters; percent-encode them"
+    elif "@" in parts.netloc:
+        # Show the URL without its user info, which may hold a password.
+        url = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+        reason = (
+            "user names and passwords in the URL are not supported, because the "
+            "URL appears in probe errors, events and history. Send credentials "
+            "from an exec probe script instead"
+        )
     else:
         try:
-            parts.port  # noqa: B018 - urlsplit checks the port lazily.
+            port = parts.port
         except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
             reason = "the port must be an integer from 1 to 65535"
     if reason is not None:
         problems.add(key, f"invalid URL {quote_string(url)}: {reason}.")

@@ -1447,6 +1447,21 @@ def test_health_probes_load(tmp_path: Path, probe: str, expected: HealthConfig) 
             'invalid URL "127.0.0.1:8080": expected an http:// URL',
         ),
         (
+            'http = "http://127.0.0.1:0/"',
+            "http",
+            'invalid URL "http://127.0.0.1:0/": the port must be an integer',
+        ),
+        (
+            'http = "http://admin:hunter2@127.0.0.1:8080/"',
+            "http",
+            'invalid URL "http://***@127.0.0.1:8080/": user names and passwords',
+        ),
+        (
+            'http = "http://127.0.0.1/café"',
+            "http",
+            'invalid URL "http://127.0.0.1/café": the URL contains non-ASCII',
+        ),
+        (
             'tcp = "localhost"',
             "tcp",
             'invalid address "localhost": expected "host:port"',
