@@ -5,8 +5,8 @@
 set -euo pipefail
 
 packages=(bash procps)
-# systemd: systemd-analyze checks the unit, systemd-sysusers creates the
-# user in the install script's tests.
+# systemd: systemd-analyze checks the unit and the exported units and their
+# calendars, systemd-sysusers creates the user in the install script's tests.
 packages+=(systemd)
 # The credential tests run a real Secret Service: gnome-keyring-daemon on a
 # private session bus, which dbus-daemon (also dbus-run-session) provides.
