@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from supervisor.config import Config, ConfigDiff, check_config, load_config
+from supervisor.control_server import ControlServer, open_control_socket
 from supervisor.credential_file import take_key_environment
 from supervisor.credentials import (
     BackendCredentials,
@@ -52,6 +53,8 @@ class ReloadOutcome:
     errors: tuple[str, ...]
     warnings: tuple[str, ...]
     at: datetime
+    config: Config | None = None
+    """The validated new config, when `ok`."""
 
 
 def notify_systemd(state: str) -> None:
@@ -93,6 +96,7 @@ class Daemon:
         self.store: Store | None = None
         self.manager: Manager | None = None
         self.last_reload: ReloadOutcome | None = None
+        self.started_at: datetime | None = None
         self._shutdown = trio.Event()
         self._reload_lock = trio.Lock()
 
@@ -102,6 +106,10 @@ class Daemon:
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutdown.is_set()
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
@@ -115,9 +123,19 @@ class Daemon:
                 f"{error.strerror or error}. Set [runvisor] data_dir to a "
                 "writable folder."
             ) from None
-        self._key_environment = take_key_environment()
-        store = Store.open(self.data_dir / DATABASE_NAME)
+        # First of all: a second daemon for the same socket must stop here,
+        # before it marks the runs of the first one lost and ends them.
+        control = await trio.to_thread.run_sync(
+            open_control_socket, Path(self.config.runvisor.socket)
+        )
+        try:
+            self._key_environment = take_key_environment()
+            store = Store.open(self.data_dir / DATABASE_NAME)
+        except BaseException:
+            control.close()
+            raise
         self.store = store
+        self.started_at = datetime.now(UTC)
         if become_subreaper():
             logger.debug("runvisor is the child subreaper of its runs")
         try:
@@ -142,6 +160,7 @@ class Daemon:
                         manager = Manager(self.config, context)
                         self.manager = manager
                         await services.start(manager.run)
+                        await services.start(ControlServer(self).serve, control)
                         services.start_soon(self._watch_signals, signals)
                         logger.info(
                             "running: config=%s projects=%d data_dir=%s pid=%d",
@@ -160,6 +179,7 @@ class Daemon:
                 root.cancel_scope.cancel()
         finally:
             store.close()
+            control.close()
         logger.info("stopped")
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
@@ -257,7 +277,9 @@ class Daemon:
         assert self.manager is not None
         if dry_run:
             diff = self.manager.preview(config)
-            return ReloadOutcome(True, True, diff, (), tuple(warnings), now)
+            return ReloadOutcome(
+                True, True, diff, (), tuple(warnings), now, config=config
+            )
         backend_changed = (
             config.credentials != self.config.credentials
             or config.runvisor.data_dir != self.config.runvisor.data_dir
@@ -267,7 +289,9 @@ class Daemon:
             self.manager.context.credentials = self.credentials
         diff = await self.manager.apply(config)
         self.config = config
-        outcome = ReloadOutcome(True, False, diff, (), tuple(warnings), now)
+        outcome = ReloadOutcome(
+            True, False, diff, (), tuple(warnings), now, config=config
+        )
         self.last_reload = outcome
         self.hub.publish(
             ReloadEvent(
