@@ -293,3 +293,17 @@ def test_commands_use_secret_service(
     assert got.stdout == HOSTILE_SECRET.encode()
     assert gone.returncode == 1
     assert not (cli.data_dir / STORE_FILE_NAME).exists()
+
+
+def test_config_check_warns_about_unknown_nicknames(cli: Cli) -> None:
+    before = cli.run("config", "check")
+    assert not (cli.data_dir / "runvisor.db").exists()
+    cli.run("creds", "add", "shared", stdin=b"shared-value", check=True)
+    after = cli.run("config", "check")
+
+    assert before.returncode == 0
+    assert "credential 'shared' is not stored" in before.stderr.decode()
+    assert "credential 'db' is not stored" in before.stderr.decode()
+    assert after.returncode == 0
+    assert "credential 'shared'" not in after.stderr.decode()
+    assert "credential 'db' is not stored" in after.stderr.decode()
