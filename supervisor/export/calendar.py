@@ -277,7 +277,7 @@ def _calendar_line(
 
 
 def _number_text(values: frozenset[int], full: frozenset[int]) -> str:
-    """Write values as systemd does: `*`, `a/step` up to the field's end,
+    """Format values as systemd does: `*`, `a/step` up to the field's end,
     `a..b` runs and lists, each number with two digits."""
     if values == full:
         return "*"
@@ -337,7 +337,8 @@ class ClockChange:
     offset_after: int
 
     def describe(self) -> str:
-        """Return the change in words, such as "the last Sunday of March"."""
+        """Return the change in words, such as "02:00-03:00 is skipped on the
+        last Sunday of March"."""
         weekday = calendar.day_name[(min(self.rule.weekdays) - 1) % 7]
         month = calendar.month_name[min(self.rule.months)]
         first = min(self.rule.days)

@@ -109,8 +109,8 @@ def export_project(
     else:
         documents.append(("job", _job(project, name, labels, pod, notes)))
     if options.k8s_source == "configmap":
-        configmap, files = _configmap(project, name, labels, notes)
-        items += files
+        configmap, file_items = _configmap(project, name, labels, notes)
+        items += file_items
         documents.insert(0, ("configmap", configmap))
 
     header = header_lines(FORMAT, config, project)
