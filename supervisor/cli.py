@@ -1,7 +1,9 @@
 """Command-line entry point: argument parsing, logging setup, commands.
 
 `runvisor --version` and `--help` import nothing heavy: every command
-imports what it needs when it runs.
+imports what it needs when it runs. The commands that talk to the daemon are
+in `control_commands`, and the shell (`repl`) runs them from this same
+parser, which also drives its completion.
 
 Exit codes: 0 success, 1 the request failed, 2 usage error, 3 no daemon.
 """
@@ -78,6 +80,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     config, errors, warnings = check_config(path)
     if config is not None:
         warnings += _credential_warnings(config)
+    if getattr(args, "json", False):
+        print_json({"ok": not errors, "errors": errors, "warnings": warnings})
+        return EXIT_FAILED if errors else EXIT_OK
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if errors:
@@ -102,75 +107,6 @@ def _credential_warnings(config: Any) -> list[str]:
     return credential_warnings(config, known)
 
 
-def cmd_history(args: argparse.Namespace) -> int:
-    from supervisor.daemon import DATABASE_NAME
-    from supervisor.model import RunStatus
-    from supervisor.store import Database
-
-    config = _load_config(args)
-    if args.name and args.name not in config.projects:
-        print(f"runvisor: project {args.name!r} is not in the config.", file=sys.stderr)
-        return EXIT_FAILED
-    database = Database.open(Path(config.runvisor.data_dir) / DATABASE_NAME)
-    try:
-        runs = database.history(
-            args.name,
-            limit=args.limit,
-            status=RunStatus(args.status) if args.status else None,
-        )
-    finally:
-        database.close()
-    if args.json:
-        print_json(runs)
-        return EXIT_OK
-    header = ("RUN", "PROJECT", "TRIGGER", "STATUS", "STARTED")
-    print(
-        f"{header[0]:>6}  {header[1]:<16} {header[2]:<9} {header[3]:<10} "
-        f"{header[4]:<20} REASON"
-    )
-    for run in runs:
-        started = run.started_at.strftime("%Y-%m-%d %H:%M:%S")
-        print(
-            f"{run.id:>6}  {run.project:<16} {run.trigger:<9} {run.status:<10} "
-            f"{started:<20} {run.reason}"
-        )
-    return EXIT_OK
-
-
-def cmd_status_offline(args: argparse.Namespace) -> int:
-    """Status from the store alone, for when no daemon answers."""
-    from supervisor.daemon import DATABASE_NAME
-    from supervisor.store import Database
-
-    config = _load_config(args)
-    database = Database.open(Path(config.runvisor.data_dir) / DATABASE_NAME)
-    try:
-        last = database.last_runs()
-    finally:
-        database.close()
-    names = [args.name] if args.name else list(config.projects)
-    rows = []
-    for name in names:
-        if name not in config.projects:
-            print(f"runvisor: project {name!r} is not in the config.", file=sys.stderr)
-            return EXIT_FAILED
-        rows.append(
-            {
-                "name": name,
-                "trigger": str(config.projects[name].trigger),
-                "last_run": last.get(name),
-            }
-        )
-    if args.json:
-        print_json(rows)
-        return EXIT_OK
-    for row in rows:
-        run = row["last_run"]
-        summary = f"run {run.id} {run.status} {run.reason}" if run else "no runs yet"
-        print(f"{row['name']:<16} {row['trigger']:<15} {summary}")
-    return EXIT_OK
-
-
 def cmd_next(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -193,6 +129,9 @@ def cmd_next(args: argparse.Namespace) -> int:
     after = datetime.fromisoformat(args.after) if args.after else datetime.now(UTC)
     if after.tzinfo is None:
         after = after.replace(tzinfo=schedule.tzinfo)
+    if args.count < 1:
+        print("runvisor: the count N must be at least 1.", file=sys.stderr)
+        return EXIT_USAGE
     times = schedule.next_times(after, args.count)
     if args.json:
         print_json(
@@ -205,9 +144,13 @@ def cmd_next(args: argparse.Namespace) -> int:
             }
         )
         return EXIT_OK
-    print(f"{project.cron}  ({schedule.describe()}, {schedule.timezone_name})")
+    print(f"{args.name}: {project.cron}  ({schedule.describe()})")
+    local_title = schedule.timezone_name
+    width = max([len(local_title), *(len(when.isoformat()) for when in times)])
+    print(f"{local_title:<{width}}  UTC")
     for when in times:
-        print(f"{when.isoformat()}  {when.astimezone(UTC).isoformat()}")
+        utc = when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        print(f"{when.isoformat():<{width}}  {utc}")
     return EXIT_OK
 
 
@@ -344,6 +287,39 @@ def add_creds_commands(commands: Any) -> None:
     backend.add_argument("--json", action="store_true", help="print one JSON document")
 
 
+# What the shell completes an argument with: set on the argparse action.
+PROJECT = "project"
+RUN_ID = "run_id"
+CONFIG_KEY = "config_key"
+
+
+def _completes(action: argparse.Action, kind: str) -> None:
+    action.completion = kind  # type: ignore[attr-defined]
+
+
+def _lazy(module: str, name: str) -> Handler:
+    """A handler that imports its module only when the command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        function: Handler = getattr(importlib.import_module(module), name)
+        return function(args)
+
+    handler.__name__ = name
+    return handler
+
+
+def _control(name: str) -> Handler:
+    return _lazy("supervisor.control_commands", name)
+
+
+def _parse_since(text: str) -> Any:
+    from supervisor.control_commands import parse_since
+
+    return parse_since(text)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from supervisor.export.command import run_export
 
@@ -424,15 +400,37 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "path", nargs="?", help="file to check (default: the active config)"
     )
+    check.add_argument("--json", action="store_true", help="print one JSON document")
     check.set_defaults(handler=cmd_config_check)
+    show = config_commands.add_parser(
+        "show",
+        help="effective settings, defaults filled in and secrets masked (from "
+        "the daemon, else from the file)",
+    )
+    _completes(show.add_argument("name", nargs="?"), PROJECT)
+    show.add_argument("--json", action="store_true", help="print one JSON document")
+    show.set_defaults(handler=_control("cmd_config_show"))
+    set_ = config_commands.add_parser(
+        "set",
+        help="change one key in the config file, keeping its comments, then "
+        "reload the daemon if one runs",
+        description="Set NAME.KEY (such as web.restart, web.backoff.initial or "
+        "web.env.LOG_LEVEL) to VALUE. VALUE is read as TOML when it is valid "
+        'TOML (5, true, [0, 3], "text") and as a string otherwise (2s, '
+        "on-failure). The new file is validated first: an invalid value "
+        "leaves the file unchanged.",
+    )
+    _completes(set_.add_argument("key", metavar="NAME.KEY"), CONFIG_KEY)
+    set_.add_argument("value", metavar="VALUE")
+    set_.set_defaults(handler=_control("cmd_config_set"))
 
     status = commands.add_parser("status", help="state of all projects or one")
-    status.add_argument("name", nargs="?")
+    _completes(status.add_argument("name", nargs="?"), PROJECT)
     status.add_argument("--json", action="store_true", help="print one JSON document")
-    status.set_defaults(handler=cmd_status_offline)
+    status.set_defaults(handler=_control("cmd_status"))
 
-    history = commands.add_parser("history", help="run history")
-    history.add_argument("name", nargs="?")
+    history = commands.add_parser("history", help="run history, newest first")
+    _completes(history.add_argument("name", nargs="?"), PROJECT)
     history.add_argument(
         "--limit", type=int, default=20, help="rows to show (default 20)"
     )
@@ -448,12 +446,85 @@ def build_parser() -> argparse.ArgumentParser:
             "lost",
         ],
     )
+    history.add_argument(
+        "--since",
+        metavar="TIME",
+        type=_parse_since,
+        help="only runs started at or after TIME: an ISO 8601 time (local "
+        "time without an offset) or a duration back from now such as 2h or 7d",
+    )
     history.add_argument("--json", action="store_true", help="print one JSON document")
-    history.set_defaults(handler=cmd_history)
+    history.set_defaults(handler=_control("cmd_history"))
+
+    for name, help_text, handler in (
+        ("trigger", "start a run now", "cmd_trigger"),
+        ("start", "start a stopped project or resume its schedule", "cmd_start"),
+        ("stop", "stop a project's runs and keep it stopped", "cmd_stop"),
+        ("restart", "stop a project, then start it", "cmd_restart"),
+    ):
+        action = commands.add_parser(name, help=help_text)
+        _completes(action.add_argument("name"), PROJECT)
+        action.set_defaults(handler=_control(handler))
+
+    logs = commands.add_parser(
+        "logs",
+        help="output of a run (default: the current or latest run)",
+        description="Print the log lines of a run. With -f, follow live "
+        "output until Ctrl-C: without RUN_ID across every later run of the "
+        "project, with RUN_ID until that run ends.",
+    )
+    _completes(logs.add_argument("name"), PROJECT)
+    _completes(logs.add_argument("run_id", nargs="?", type=int), RUN_ID)
+    logs.add_argument("-f", "--follow", action="store_true", help="follow live output")
+    logs.add_argument(
+        "--tail",
+        metavar="N",
+        type=int,
+        help="only the last N stored lines (with -f the default is 10)",
+    )
+    logs.add_argument("--json", action="store_true", help="print JSON lines")
+    logs.set_defaults(handler=_control("cmd_logs"))
+
+    reload = commands.add_parser(
+        "reload",
+        help="apply the config file's changes; an invalid file changes nothing",
+    )
+    reload.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only print which projects would start, stop, restart or stay",
+    )
+    reload.add_argument("--json", action="store_true", help="print one JSON document")
+    reload.set_defaults(handler=_control("cmd_reload"))
+
+    events = commands.add_parser(
+        "events",
+        help="live events, one line each: started, log, completed, health, "
+        "state, reload",
+    )
+    _completes(events.add_argument("names", metavar="NAME", nargs="*"), PROJECT)
+    events.add_argument("--no-logs", action="store_true", help="leave out log lines")
+    events.add_argument("--json", action="store_true", help="print JSON lines")
+    events.set_defaults(handler=_control("cmd_events"))
+
+    shutdown = commands.add_parser("shutdown", help="stop every project and the daemon")
+    shutdown.set_defaults(handler=_control("cmd_shutdown"))
+
+    shell = commands.add_parser(
+        "shell", help="interactive shell attached to the running daemon"
+    )
+    shell.set_defaults(handler=_lazy("supervisor.repl", "cmd_shell"))
+    up = commands.add_parser(
+        "up", help="run the daemon with the shell attached, in one process"
+    )
+    up.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    up.set_defaults(handler=_lazy("supervisor.repl", "cmd_up"))
 
     next_ = commands.add_parser("next", help="next fire times of a scheduled project")
-    next_.add_argument("name")
-    next_.add_argument("count", nargs="?", type=int, default=5)
+    _completes(next_.add_argument("name"), PROJECT)
+    next_.add_argument(
+        "count", metavar="N", nargs="?", type=int, default=5, help="default 5"
+    )
     next_.add_argument(
         "--after", metavar="TIME", help="ISO 8601 instant to list from (default: now)"
     )
@@ -479,9 +550,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from supervisor.errors import RunvisorError
+def run_handler(handler: Handler, args: argparse.Namespace) -> int:
+    """Run a command and turn its errors into a message on stderr and an
+    exit code: 1 for a failed request, 3 when no daemon runs, 130 when
+    interrupted (Ctrl-C)."""
+    from supervisor.control import Interrupted
+    from supervisor.errors import DaemonNotRunning, RunvisorError
 
+    try:
+        return handler(args)
+    except DaemonNotRunning as error:
+        print(f"runvisor: {error}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except RunvisorError as error:
+        print(f"runvisor: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, Interrupted):
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
@@ -489,9 +577,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return handler(args)
-    except RunvisorError as error:
-        print(f"runvisor: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+        return run_handler(handler, args)
+    except BrokenPipeError:
+        # The reader of a pipe went away (`runvisor events | head`): exit
+        # quietly, with stdout pointed at /dev/null so the final flush at
+        # interpreter exit does not fail again.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK

@@ -1,0 +1,122 @@
+"""A real `runvisor serve` in a child process, and the CLI run against it.
+
+For end-to-end tests of the CLI and the shell, in real time: the daemon is
+started as `python -m supervisor --config PATH serve` and found through its
+control socket, exactly as a user's commands would find it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from supervisor.control import Client
+from supervisor.errors import DaemonNotRunning
+
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+
+
+def runvisor_argv() -> list[str]:
+    return [sys.executable, "-m", "supervisor"]
+
+
+class DaemonProcess:
+    """A config in a temporary folder and the daemon that runs it."""
+
+    def __init__(self, root: Path, projects: str) -> None:
+        self.root = root
+        self.socket = root / "control.sock"
+        self.data_dir = root / "data"
+        self.config = root / "runvisor.toml"
+        self.log = root / "daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.write_config(projects)
+
+    def write_config(self, projects: str) -> None:
+        header = (
+            "# daemon settings for the test\n"
+            f'[runvisor]\ndata_dir = "{self.data_dir}"  # runs and logs\n'
+            f'socket = "{self.socket}"\n'
+        )
+        self.config.write_text(header + textwrap.dedent(projects))
+
+    def start(self) -> DaemonProcess:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [*runvisor_argv(), "--config", str(self.config), "serve"],
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                Client.connect(self.socket).close()
+                return self
+            except DaemonNotRunning:
+                pass
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"the daemon exited with {self.process.returncode}:\n"
+                    + self.log.read_text()
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError("the daemon did not answer on its socket")
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop the daemon if it still runs (SIGTERM, then SIGKILL)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one CLI command in its own process, output captured."""
+        return subprocess.run(
+            [*runvisor_argv(), "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            env={**os.environ, **(env or {})},
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        """Start a CLI command that keeps running (logs -f, events)."""
+        return subprocess.Popen(
+            [*runvisor_argv(), "--config", str(self.config), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.root,
+        )
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.02):  # type: ignore[no-untyped-def]
+    """Poll `condition` in real time until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

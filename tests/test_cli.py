@@ -1,0 +1,669 @@
+"""Every CLI command end to end, against a real daemon in a child process.
+
+Most commands run in this process through `cli.main`, which is fast and
+captures their output. Commands whose exit status, signals or start-up cost
+matter run as their own processes. Everything runs in real time, so each test stays
+within a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from supervisor.cli import main
+from supervisor.model import (
+    Health,
+    ProjectState,
+    ProjectStatus,
+    RunRecord,
+    RunStatus,
+    RunTrigger,
+    TriggerMode,
+)
+from supervisor.render import Style, render_status
+
+from .daemon_process import DaemonProcess, runvisor_argv, wait_until
+from .helpers import marked_pids, wait_until_gone, write_script
+
+SECRET = "s3cr3t-literal-value"
+
+PROJECTS = """
+[projects.hello]
+path = "{root}/hello"
+trigger = "manual"   # run on request
+env = {{ SECRET = {{ value = "{secret}" }}, GREETING = "hi" }}
+
+# a long-running service
+[projects.ticker]
+path = "{root}/ticker"
+trigger = "always_running"
+start_seconds = 0
+stop_timeout = "2s"
+
+[projects.nightly]
+path = "{root}/nightly"
+trigger = "schedule"
+cron = "0 3 * * *"
+timezone = "Europe/Paris"
+"""
+
+
+def make_projects(root: Path) -> str:
+    write_script(
+        root / "hello",
+        """
+        echo "$GREETING from run $RUNVISOR_RUN_ID"
+        echo "token=$SECRET"
+        echo "to stderr" >&2
+        """,
+    )
+    write_script(
+        root / "ticker",
+        """
+        echo start >> starts.log
+        exec -a e2e-cli-ticker bash -c \
+          'i=0; while :; do echo "tick $i"; i=$((i+1)); sleep 0.1; done'
+        """,
+    )
+    write_script(root / "nightly", "echo nightly")
+    return PROJECTS.format(root=root, secret=SECRET)
+
+
+@pytest.fixture
+def stopped(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """The config with no daemon running."""
+    daemon = DaemonProcess(tmp_path, make_projects(tmp_path))
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def daemon(stopped: DaemonProcess) -> DaemonProcess:
+    return stopped.start()
+
+
+def run(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str, str]:
+    """Run a command in this process; return its exit code, stdout, stderr."""
+    code = main(["--config", str(daemon.config), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def status_json(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]
+    code, out, _ = run(daemon, capsys, "status", "--json")
+    assert code == 0
+    document: dict = json.loads(out)  # type: ignore[type-arg]
+    return document
+
+
+def project_state(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str], name: str
+) -> dict:  # type: ignore[type-arg]
+    for project in status_json(daemon, capsys)["projects"]:
+        if project["name"] == name:
+            return project  # type: ignore[no-any-return]
+    raise AssertionError(f"{name} is not in the status")
+
+
+def finished_runs(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str], name: str
+) -> list[dict]:  # type: ignore[type-arg]
+    code, out, _ = run(daemon, capsys, "history", name, "--json")
+    assert code == 0
+    return [run for run in json.loads(out) if run["status"] != "running"]
+
+
+# status
+
+
+def test_status_table(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wait_until(lambda: marked_pids("e2e-cli-ticker"))
+    code, out, err = run(daemon, capsys, "status")
+    assert code == 0
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "TRIGGER", "STATE", "HEALTH"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {"hello", "ticker", "nightly"}
+    assert "running" in rows["ticker"]
+    assert "scheduled" in rows["nightly"]
+    assert "(in " in rows["nightly"]
+    assert "\x1b" not in out
+
+
+def test_status_json(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    wait_until(lambda: project_state(daemon, capsys, "ticker")["pid"])
+    document = status_json(daemon, capsys)
+    assert daemon.process is not None
+    assert document["daemon"]["pid"] == daemon.process.pid
+    assert document["daemon"]["last_reload"] is None
+    projects = {project["name"]: project for project in document["projects"]}
+    assert list(projects) == ["hello", "ticker", "nightly"]
+    assert projects["ticker"]["state"] == "running"
+    assert projects["ticker"]["trigger"] == "always_running"
+    assert projects["nightly"]["next_fire"] is not None
+    assert projects["hello"]["pid"] is None
+
+
+def test_status_of_unknown_project(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(daemon, capsys, "status", "nope")
+    assert code == 1
+    assert out == ""
+    assert "'nope' is not in the config" in err
+
+
+def test_status_is_fast_to_import(daemon: DaemonProcess) -> None:
+    script = (
+        "import sys\n"
+        "from supervisor.cli import main\n"
+        f"code = main(['--config', {str(daemon.config)!r}, 'status'])\n"
+        "heavy = [m for m in ('trio', 'supervisor.config', 'sqlite_utils',"
+        " 'prompt_toolkit', 'tomlkit') if m in sys.modules]\n"
+        "print('heavy:', heavy, 'code:', code)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.splitlines()[-1] == "heavy: [] code: 0"
+
+
+# no daemon
+
+
+def test_status_without_daemon_reads_store(stopped: DaemonProcess) -> None:
+    result = stopped.cli("status")
+    assert result.returncode == 3
+    assert "runvisor serve" in result.stderr
+    assert "runvisor up" in result.stderr
+    assert "store" in result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:]]
+    assert names == ["hello", "ticker", "nightly"]
+
+    as_json = stopped.cli("status", "--json")
+    assert as_json.returncode == 3
+    document = json.loads(as_json.stdout)
+    assert document["daemon"] is None
+    assert [p["state"] for p in document["projects"]] == ["stopped"] * 3
+
+
+def test_history_without_daemon_reads_store(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(daemon, capsys, "trigger", "hello")
+    wait_until(lambda: finished_runs(daemon, capsys, "hello"))
+    daemon.stop()
+    code, out, err = run(daemon, capsys, "history", "hello", "--json")
+    assert code == 0
+    assert "Reading the history from the store" in err
+    assert [run["status"] for run in json.loads(out)] == ["succeeded"]
+
+    code, out, err = run(daemon, capsys, "logs", "hello")
+    assert code == 0
+    assert "Reading the log file directly" in err
+    assert "hi from run" in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["trigger", "hello"],
+        ["stop", "ticker"],
+        ["reload"],
+        ["events"],
+        ["logs", "ticker", "-f"],
+        ["shutdown"],
+    ],
+)
+def test_commands_need_a_daemon(
+    stopped: DaemonProcess, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    code, out, err = run(stopped, capsys, *args)
+    assert code == 3
+    assert out == ""
+    assert "No runvisor daemon is listening on" in err
+    assert "'runvisor serve'" in err
+
+
+def test_usage_error_exits_2(stopped: DaemonProcess) -> None:
+    result = stopped.cli("history", "--limit", "many")
+    assert result.returncode == 2
+    assert "invalid int value" in result.stderr
+    result = stopped.cli("history", "--since", "last tuesday")
+    assert result.returncode == 2
+    assert "neither a time" in result.stderr
+
+
+# trigger, history, logs
+
+
+def test_trigger_history_and_logs(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(daemon, capsys, "trigger", "hello")
+    assert code == 0
+    assert out.startswith("Started run ")
+    run_id = int(out.split()[2])
+    (record,) = wait_until(lambda: finished_runs(daemon, capsys, "hello"))
+    assert record["id"] == run_id
+    assert record["status"] == "succeeded"
+    assert record["trigger"] == "manual"
+
+    code, out, _ = run(daemon, capsys, "history", "hello")
+    assert code == 0
+    assert out.splitlines()[1].split()[:4] == [
+        str(run_id),
+        "hello",
+        "manual",
+        "succeeded",
+    ]
+
+    def history_ids(*args: str) -> list[int]:
+        code, out, _ = run(daemon, capsys, "history", *args, "--json")
+        assert code == 0
+        return [run["id"] for run in json.loads(out)]
+
+    assert history_ids("hello", "--status", "failed") == []
+    assert history_ids("hello", "--status", "succeeded") == [run_id]
+    assert history_ids("hello", "--since", "1h") == [run_id]
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert history_ids("hello", "--since", later) == []
+    assert len(history_ids("--limit", "1")) == 1
+
+    code, out, _ = run(daemon, capsys, "logs", "hello")
+    assert code == 0
+    assert f"hi from run {run_id}" in out
+    assert "token=***" in out
+    assert SECRET not in out
+    assert "err to stderr" in " ".join(out.split())
+
+    code, out, _ = run(daemon, capsys, "logs", "hello", str(run_id), "--tail", "1")
+    assert code == 0
+    assert len(out.splitlines()) == 1
+
+    code, out, _ = run(daemon, capsys, "logs", "hello", str(run_id), "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert {line["run_id"] for line in lines} == {run_id}
+    assert {"out", "err"} == {line["stream"] for line in lines}
+
+    code, _, err = run(daemon, capsys, "logs", "hello", "999")
+    assert code == 1
+    assert "has no run 999" in err
+
+
+def test_stop_start_restart(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = wait_until(lambda: marked_pids("e2e-cli-ticker"))
+    code, out, _ = run(daemon, capsys, "stop", "ticker")
+    assert code == 0
+    assert out == "Stopped 'ticker'.\n"
+    assert marked_pids("e2e-cli-ticker") == []
+    assert project_state(daemon, capsys, "ticker")["state"] == "stopped"
+
+    code, _, _ = run(daemon, capsys, "start", "ticker")
+    assert code == 0
+    second = wait_until(lambda: marked_pids("e2e-cli-ticker"))
+    assert second != first
+
+    code, _, _ = run(daemon, capsys, "restart", "ticker")
+    assert code == 0
+    third = wait_until(lambda: marked_pids("e2e-cli-ticker"))
+    assert third != second
+    runs = finished_runs(daemon, capsys, "ticker")
+    assert [run["status"] for run in runs] == ["stopped", "stopped"]
+    assert [run["reason"] for run in runs] == ["stopped by user"] * 2
+
+
+def test_logs_follow_across_restarts(daemon: DaemonProcess) -> None:
+    wait_until(lambda: marked_pids("e2e-cli-ticker"))
+    follower = daemon.popen("logs", "ticker", "-f")
+    assert follower.stdout is not None
+    seen: list[str] = []
+    try:
+        while not any("tick" in line for line in seen):
+            seen.append(follower.stdout.readline())
+        assert daemon.cli("restart", "ticker").returncode == 0
+        while not any("started (manual)" in line for line in seen):
+            seen.append(follower.stdout.readline())
+        after_restart = len(seen)
+        while not any("tick 0" in line for line in seen[after_restart:]):
+            seen.append(follower.stdout.readline())
+    finally:
+        follower.send_signal(signal.SIGINT)
+        code = follower.wait(5)
+        follower.stdout.close()
+        assert follower.stderr is not None
+        follower.stderr.close()
+    assert code == 130
+    markers = [line for line in seen if line.startswith("-- run")]
+    assert "stopped: stopped by user" in markers[0]
+    assert "started (manual)" in markers[1]
+
+
+def test_events_stream(daemon: DaemonProcess) -> None:
+    listener = daemon.popen("events", "hello", "--json")
+    assert listener.stdout is not None
+    try:
+        # The first event proves the subscription is live; a trigger makes
+        # the rest.
+        wait_until(lambda: daemon.cli("trigger", "hello").returncode == 0)
+        events = []
+        while not events or events[-1]["type"] != "completed":
+            events.append(json.loads(listener.stdout.readline()))
+    finally:
+        listener.send_signal(signal.SIGINT)
+        code = listener.wait(5)
+        listener.stdout.close()
+        assert listener.stderr is not None
+        listener.stderr.close()
+    assert code == 130
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "state"
+    assert "started" in kinds
+    assert "log" in kinds
+    assert {event.get("project") for event in events} == {"hello"}
+    texts = [event["text"] for event in events if event["type"] == "log"]
+    assert "token=***" in texts
+
+
+def test_events_text_lines(daemon: DaemonProcess) -> None:
+    listener = daemon.popen("events", "hello", "--no-logs")
+    assert listener.stdout is not None
+    try:
+        assert daemon.cli("trigger", "hello").returncode == 0
+        lines = []
+        while not lines or " completed " not in lines[-1]:
+            lines.append(listener.stdout.readline())
+    finally:
+        listener.send_signal(signal.SIGINT)
+        listener.wait(5)
+        listener.stdout.close()
+        assert listener.stderr is not None
+        listener.stderr.close()
+    kinds = [line.split()[1] for line in lines]
+    assert "started" in kinds
+    assert "log" not in kinds
+    assert lines[-1].split()[1:5] == ["completed", "hello", "run", lines[-1].split()[4]]
+
+
+# config
+
+
+def test_config_show_masks_secrets(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(daemon, capsys, "config", "show")
+    assert code == 0
+    assert SECRET not in out
+    assert 'SECRET = "***"' in out
+    assert "[projects.ticker]" in out
+    assert 'stop_timeout = "2s"' in out
+    assert 'restart = "always"' in out  # a default, filled in
+
+    code, out, _ = run(daemon, capsys, "config", "show", "hello", "--json")
+    document = json.loads(out)
+    assert document["source"] == str(daemon.config)
+    assert document["projects"]["hello"]["env"]["SECRET"] == "***"
+    assert document["projects"]["hello"]["env"]["GREETING"] == "hi"
+    assert list(document["projects"]) == ["hello"]
+
+    code, _, err = run(daemon, capsys, "config", "show", "nope")
+    assert code == 1
+    assert "'nope' is not in the config" in err
+
+
+def test_config_check_json(
+    stopped: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(stopped, capsys, "config", "check", "--json")
+    assert code == 0
+    assert json.loads(out) == {"ok": True, "errors": [], "warnings": []}
+    broken = stopped.root / "broken.toml"
+    broken.write_text('[projects.x]\npath = "/tmp"\ntrigger = "sometimes"\n')
+    code, out, _ = run(stopped, capsys, "config", "check", str(broken), "--json")
+    assert code == 1
+    document = json.loads(out)
+    assert document["ok"] is False
+    assert f"{broken}:3:" in document["errors"][0]
+
+
+def test_config_set_keeps_comments_and_reloads(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = daemon.config.read_text()
+    code, out, err = run(daemon, capsys, "config", "set", "ticker.stop_timeout", "3s")
+    assert code == 0, err
+    assert 'ticker.stop_timeout = "3s"' in out
+    assert "restart  ticker" in out
+    after = daemon.config.read_text()
+    assert after == before.replace('stop_timeout = "2s"', 'stop_timeout = "3s"')
+    assert "# a long-running service" in after
+    assert "# run on request" in after
+
+    code, out, _ = run(daemon, capsys, "config", "show", "ticker", "--json")
+    assert json.loads(out)["projects"]["ticker"]["stop_timeout"] == "3s"
+
+    code, out, _ = run(daemon, capsys, "config", "set", "ticker.backoff.initial", "2s")
+    assert code == 0
+    assert 'backoff.initial = "2s"' in daemon.config.read_text()
+    code, out, _ = run(daemon, capsys, "config", "set", "hello.env.LEVEL", "debug")
+    assert code == 0
+    assert "update   hello" in out
+    assert 'LEVEL = "debug"' in daemon.config.read_text()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ticker.restart", "sometimes", "projects.ticker.restart: invalid value"),
+        ("ticker.stop_timeout", "soon", "ticker.stop_timeout"),
+        ("ticker.colour", "blue", "colour"),
+        ("nope.restart", "never", "does not name a key of a project"),
+        ("hello.env.TOKEN.value", "abc", "secret literal"),
+        ("hello.env.TOKEN", "{ value = 'abc' }", "secret literal"),
+        ("hello.cron", "61 * * * *", "cron"),
+    ],
+)
+def test_config_set_invalid_leaves_file_identical(
+    stopped: DaemonProcess,
+    capsys: pytest.CaptureFixture[str],
+    key: str,
+    value: str,
+    message: str,
+) -> None:
+    before = stopped.config.read_bytes()
+    code, out, err = run(stopped, capsys, "config", "set", key, value)
+    assert code == 1
+    assert out == ""
+    assert message in err
+    assert stopped.config.read_bytes() == before
+    assert [p.name for p in stopped.root.iterdir() if p.name.startswith(".")] == []
+
+
+def test_reload_dry_run_then_apply_then_fail(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pid = wait_until(lambda: project_state(daemon, capsys, "ticker")["pid"])
+    text = daemon.config.read_text()
+    write_script(daemon.root / "extra", "echo extra")
+    daemon.config.write_text(
+        text.replace('GREETING = "hi"', 'GREETING = "hello"')
+        + f'\n[projects.extra]\npath = "{daemon.root / "extra"}"\ntrigger = "manual"\n'
+    )
+
+    code, out, _ = run(daemon, capsys, "reload", "--dry-run")
+    assert code == 0
+    assert out.splitlines() == [
+        "Dry run, nothing changed:",
+        "  start    extra",
+        "  update   hello",
+        "  keep     ticker, nightly",
+        "Updated projects are not restarted: their next run uses the new settings.",
+    ]
+    assert "extra" not in [p["name"] for p in status_json(daemon, capsys)["projects"]]
+
+    code, out, _ = run(daemon, capsys, "reload", "--json")
+    assert code == 0
+    reply = json.loads(out)
+    assert reply["ok"] is True
+    assert reply["added"] == ["extra"]
+    assert reply["updated"] == ["hello"]
+    assert project_state(daemon, capsys, "ticker")["pid"] == pid
+
+    daemon.config.write_text(text + '\n[projects.broken]\ntrigger = "sometimes"\n')
+    code, out, err = run(daemon, capsys, "reload")
+    assert code == 1
+    assert f"{daemon.config}:" in err
+    assert "previous config stays active" in err
+    code, out, _ = run(daemon, capsys, "status")
+    assert "failed; the previous config is still active" in out
+    assert f"{daemon.config}:" in out
+    assert "extra" in out  # the previous config, with extra, is active
+    assert project_state(daemon, capsys, "ticker")["pid"] == pid
+
+
+# next
+
+
+def test_next_lists_zone_and_utc(
+    stopped: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("next", "nightly", "3", "--after", "2022-10-29T12:00+02:00")
+    code, out, _ = run(stopped, capsys, *args)
+    assert code == 0
+    assert out.splitlines() == [
+        "nightly: 0 3 * * *  (At 03:00)",
+        "Europe/Paris               UTC",
+        "2022-10-30T03:00:00+01:00  2022-10-30T02:00:00Z",
+        "2022-10-31T03:00:00+01:00  2022-10-31T02:00:00Z",
+        "2022-11-01T03:00:00+01:00  2022-11-01T02:00:00Z",
+    ]
+    code, out, _ = run(stopped, capsys, *args, "--json")
+    document = json.loads(out)
+    assert document["timezone"] == "Europe/Paris"
+    assert document["description"] == "At 03:00"
+    assert document["next"][0] == "2022-10-30T03:00:00+01:00"
+
+    code, _, err = run(stopped, capsys, "next", "hello")
+    assert code == 1
+    assert "has no schedule" in err
+
+
+# shutdown
+
+
+def test_shutdown_leaves_no_grandchildren(tmp_path: Path) -> None:
+    write_script(
+        tmp_path / "tree",
+        """
+        echo start >> starts.log
+        (exec -a f01-bg sleep 1000) &
+        (exec -a f01-pipe-a sleep 1000) | (exec -a f01-pipe-b cat) &
+        wait
+        """,
+    )
+    daemon = DaemonProcess(
+        tmp_path,
+        f"""
+        [projects.tree]
+        path = "{tmp_path / "tree"}"
+        trigger = "always_running"
+        restart = "always"
+        stop_timeout = "3s"
+        """,
+    ).start()
+    try:
+        wait_until(lambda: len(marked_pids("f01-")) == 3)
+        result = daemon.cli("shutdown")
+        left = wait_until_gone("f01-", 4.0)
+        exit_code = daemon.wait(10)
+    finally:
+        daemon.stop()
+    assert result.returncode == 0
+    assert result.stdout.startswith("Shutting down: stopping every project.\n")
+    assert "has stopped every project" in result.stdout
+    assert left == []
+    assert exit_code == 0
+    assert (tmp_path / "tree" / "starts.log").read_text() == "start\n"
+    history = daemon.cli("history", "tree", "--json")
+    (record,) = json.loads(history.stdout)
+    assert record["status"] == "stopped"
+    assert record["reason"] == "the daemon is shutting down"
+
+
+# colour and width
+
+
+def test_colour_only_on_a_terminal(daemon: DaemonProcess) -> None:
+    argv = [*runvisor_argv(), "--config", str(daemon.config), "status"]
+    environment = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    coloured = pexpect.run(argv[0], args=argv[1:], env=environment, timeout=20)
+    plain = pexpect.run(
+        argv[0], args=argv[1:], env={**environment, "NO_COLOR": "1"}, timeout=20
+    )
+    piped = daemon.cli("status")
+    assert b"\x1b[" in coloured
+    assert b"scheduled" in coloured
+    assert b"\x1b" not in plain
+    assert b"scheduled" in plain
+    assert "\x1b" not in piped.stdout
+
+
+def example_status(index: int) -> ProjectStatus:
+    at = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    return ProjectStatus(
+        name=f"project-with-a-long-name-{index}",
+        trigger=TriggerMode.ALWAYS_RUNNING,
+        state=ProjectState.BACKOFF,
+        reason="restarting in 4s after run 12 failed: exit code 3 " * 2,
+        health=Health.UNHEALTHY,
+        pid=123456,
+        started_at=at,
+        restarts=7,
+        last_run=RunRecord(
+            id=12,
+            project="x",
+            trigger=RunTrigger.RESTART,
+            status=RunStatus.FAILED,
+            started_at=at,
+            ended_at=at,
+        ),
+    )
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_status_table_fits_width(width: int) -> None:
+    projects = [example_status(index) for index in range(3)]
+    now = datetime(2026, 1, 5, 12, 5, tzinfo=UTC)
+    lines = render_status(projects, now, Style(color=True), width)
+    plain = [line.replace("\x1b[0m", "") for line in lines]
+    for line in plain:
+        visible = "".join(part.split("m", 1)[-1] for part in line.split("\x1b["))
+        assert len(visible) <= width
+    assert all("project-with" in line for line in plain[1:])
+    assert all("backoff" in line for line in plain[1:])
+
+
+def test_status_table_uncut_without_width() -> None:
+    projects = [example_status(index) for index in range(2)]
+    now = datetime(2026, 1, 5, 12, 5, tzinfo=UTC)
+    lines = render_status(projects, now, Style(color=False), None)
+    assert all("…" not in line for line in lines)
+    assert "#12 failed 5m00s ago" in lines[1]
+    assert "restarting in 4s" in lines[1]
