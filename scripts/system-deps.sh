@@ -11,6 +11,8 @@ packages+=(systemd)
 # The credential tests run a real Secret Service: gnome-keyring-daemon on a
 # private session bus, which dbus-daemon (also dbus-run-session) provides.
 packages+=(gnome-keyring dbus dbus-daemon)
+# binutils: PyInstaller reads libraries with objdump and strips them.
+packages+=(binutils)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
