@@ -35,7 +35,7 @@ from supervisor.errors import StoreError
 from supervisor.logs import Hub
 from supervisor.manager import Manager
 from supervisor.model import ReloadEvent
-from supervisor.process import become_subreaper, end_lost_run
+from supervisor.process import StopSettings, become_subreaper, end_leftover_runs
 from supervisor.runner import RuntimeContext
 from supervisor.scheduler import SystemClock, WallClock
 from supervisor.store import Store
@@ -192,6 +192,15 @@ class Daemon:
                 self.request_shutdown()
 
     async def _recover_lost_runs(self, store: Store) -> None:
+        # Processes first, rows second: a crash in between leaves the rows
+        # `running`, so the next start does both again.
+        stop_settings = {
+            name: StopSettings(
+                signal.Signals[project.stop_signal], project.stop_timeout
+            )
+            for name, project in self.config.projects.items()
+        }
+        await end_leftover_runs(self.data_dir, stop_settings)
         lost = await store.mark_lost(datetime.now(UTC))
         for record in lost:
             logger.warning(
@@ -200,10 +209,6 @@ class Daemon:
                 record.id,
                 record.pid,
             )
-        if lost:
-            async with trio.open_nursery() as nursery:
-                for record in lost:
-                    nursery.start_soon(end_lost_run, record)
 
     async def _open_credentials(self, config: Config) -> BackendCredentials:
         """Choose the credential backend and log which one, once."""

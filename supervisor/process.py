@@ -12,6 +12,11 @@ The end of the leader is detected with `wait()` (a pidfd), never with EOF on
 its pipes, since a grandchild can hold them open. The group has no event to
 wait on, so emptiness is polled with `killpg(pgid, 0)`, but only during the
 bounded clean-up after the leader has exited.
+
+A process that calls setsid leaves the group, but keeps the run's marker
+variables (`ProcessSpec.markers`) in its environment. Stop and clean-up
+find such processes in /proc by those markers and end them with the group,
+with the same signal and grace period.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import trio
 
 from supervisor.errors import SpawnError
 from supervisor.logs import LineSplitter
-from supervisor.model import RunRecord, Stream
+from supervisor.model import Stream
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,8 @@ PIPE_DRAIN_SECONDS = 0.5
 FROZEN_LOADER_VARIABLES = ("LD_LIBRARY_PATH", "LIBPATH", "DYLD_LIBRARY_PATH")
 
 OutputCallback = Callable[[Stream, list[str], float], None]
+
+DATA_DIR_VARIABLE = "RUNVISOR_DATA_DIR"
 
 
 @dataclass(frozen=True)
@@ -82,11 +89,16 @@ class ExitStatus:
 @dataclass(frozen=True)
 class ProcessSpec:
     """What to run: `command` is split like a shell word list, not run by a
-    shell, and a relative program path resolves against `cwd`."""
+    shell, and a relative program path resolves against `cwd`.
+
+    `markers` are environment variables, added to `env`, that together
+    identify the processes of this run, wherever their group went.
+    """
 
     command: str
     cwd: Path
     env: Mapping[str, str] = field(default_factory=dict)
+    markers: Mapping[str, str] = field(default_factory=dict)
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
@@ -185,27 +197,67 @@ def group_exists(pgid: int) -> bool:
     return bool(_live_group_members(pgid))
 
 
+def _stat_fields(pid: int | str) -> list[bytes]:
+    """Return the fields of /proc/PID/stat after the command name (state,
+    ppid, pgrp, ...), or an empty list when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return []
+    # The command name in brackets may contain spaces and brackets.
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
 def _live_group_members(pgid: int) -> list[int]:
     members = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as file:
-                stat = file.read()
-        except OSError:
-            continue
-        # The command name in brackets may contain spaces; fields follow the
-        # last ')': state, ppid, pgrp, ...
-        fields = stat[stat.rfind(b")") + 2 :].split()
+        fields = _stat_fields(entry.name)
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
             members.append(int(entry.name))
     return members
 
 
+def is_alive(pid: int) -> bool:
+    """Return whether a process exists and has not exited (zombies have)."""
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in (b"Z", b"X")
+
+
+def process_group(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if len(fields) > 2 else None
+
+
+def reap_adopted(pids: list[int]) -> None:
+    """Reap those of `pids` that exited and are children of this process.
+
+    A process that left its run's group is re-parented to the daemon when
+    the daemon is the child subreaper, and stays a zombie until reaped. Pass
+    no pid of a run leader: its owner reaps it.
+    """
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
 async def wait_group_empty(pgid: int) -> None:
     while group_exists(pgid):
         await trio.sleep(GROUP_POLL_SECONDS)
+
+
+async def wait_processes_gone(pids: list[int]) -> None:
+    """Wait until none of `pids` is alive; a zombie counts as gone."""
+    while any(is_alive(pid) for pid in pids):
+        await trio.sleep(GROUP_POLL_SECONDS)
+
+
+def signal_processes(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
 
 
 async def end_group(pgid: int, sig: int, timeout: float) -> bool:
@@ -232,10 +284,14 @@ async def end_group(pgid: int, sig: int, timeout: float) -> bool:
 
 
 class ChildProcess:
-    """A started run: its leader process and its process group."""
+    """A started run: its leader process, its process group, and the
+    processes that left the group but carry the run's markers."""
 
-    def __init__(self, process: trio.Process) -> None:
+    def __init__(
+        self, process: trio.Process, markers: Mapping[str, str] | None = None
+    ) -> None:
         self._process = process
+        self._markers = dict(markers or {})
         self.pid = process.pid
         self.started_at = trio.current_time()
         self.ended_at: float | None = None
@@ -259,22 +315,63 @@ class ChildProcess:
     def send_signal(self, sig: int) -> None:
         signal_group(self.pid, sig)
 
+    def escaped(self) -> list[int]:
+        """Live processes of the run outside its process group."""
+        if not self._markers:
+            return []
+        return [
+            pid
+            for pid in find_processes(self._markers)
+            if process_group(pid) != self.pid and is_alive(pid)
+        ]
+
     async def stop(self, sig: int, timeout: float) -> ExitStatus:
-        """Stop the whole group: `sig`, SIGKILL after `timeout`, and a last
-        SIGKILL once the leader is reaped. Shielded, so it always finishes."""
+        """Stop the whole run: `sig` to the group and to the processes that
+        left it, SIGKILL to all of them after `timeout`, and a last SIGKILL
+        once the leader is reaped. Shielded, so it always finishes."""
         with trio.CancelScope(shield=True):
-            deadline = trio.current_time() + timeout
-            signal_group(self.pid, sig)
-            with trio.move_on_at(deadline):
-                await self.wait()
-                await wait_group_empty(self.pid)
-            if group_exists(self.pid):
+            if await self._end_all(sig, timeout):
                 self.killed = True
-                signal_group(self.pid, signal.SIGKILL)
-            await self.wait()
-            await end_group(self.pid, signal.SIGKILL, KILLED_GROUP_WAIT_SECONDS)
         assert self.exit_status is not None
         return self.exit_status
+
+    async def end_leftovers(self, sig: int, timeout: float) -> bool:
+        """End what the run left after its leader exited by itself: the rest
+        of its group and the processes that left the group.
+
+        Return True when SIGKILL was needed.
+        """
+        if not group_exists(self.pid) and not self.escaped():
+            return False
+        killed = False
+        with trio.CancelScope(shield=True):
+            killed = await self._end_all(sig, timeout)
+        return killed
+
+    async def _end_all(self, sig: int, timeout: float) -> bool:
+        deadline = trio.current_time() + timeout
+        signal_group(self.pid, sig)
+        escaped = self.escaped()
+        signal_processes(escaped, sig)
+        with trio.move_on_at(deadline):
+            await self.wait()
+            await wait_group_empty(self.pid)
+            await wait_processes_gone(escaped)
+        killed = False
+        if group_exists(self.pid) or any(is_alive(pid) for pid in escaped):
+            killed = True
+            signal_group(self.pid, signal.SIGKILL)
+            signal_processes(escaped, signal.SIGKILL)
+        await self.wait()
+        # A grandchild that ignored `sig` outlives its leader otherwise, and
+        # one may have left the group while the group was being stopped.
+        await end_group(self.pid, signal.SIGKILL, KILLED_GROUP_WAIT_SECONDS)
+        late = self.escaped()
+        signal_processes(late, signal.SIGKILL)
+        with trio.move_on_after(KILLED_GROUP_WAIT_SECONDS):
+            await wait_processes_gone(escaped + late)
+        reap_adopted(escaped + late)
+        return killed
 
 
 async def _pump(
@@ -322,7 +419,7 @@ async def open_process(
         process = await trio.lowlevel.open_process(
             argv,
             cwd=str(spec.cwd),
-            env=dict(spec.env),
+            env={**spec.env, **spec.markers},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -334,7 +431,7 @@ async def open_process(
             reason = "exec format error (is the first line a valid '#!' line?)"
         raise SpawnError(f"Cannot start {argv[0]!r}: {reason}.") from None
 
-    child = ChildProcess(process)
+    child = ChildProcess(process, spec.markers)
     assert process.stdout is not None
     assert process.stderr is not None
     pumps_done = (trio.Event(), trio.Event())
@@ -347,7 +444,7 @@ async def open_process(
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await child.stop(stop_signal, stop_timeout)
-                elif await end_group(child.pid, stop_signal, stop_timeout):
+                elif await child.end_leftovers(stop_signal, stop_timeout):
                     child.killed = True
                 # EOF comes once every holder of the pipes is gone; a process
                 # that left the group with setsid may keep them open forever.
@@ -377,18 +474,19 @@ def become_subreaper() -> bool:
     return bool(result == 0)
 
 
-def find_run_processes(project: str, run_id: int) -> list[int]:
-    """Find live processes that belong to a run, wherever their group went.
+def find_processes(markers: Mapping[str, str]) -> list[int]:
+    """Find live processes whose environment holds every one of `markers`.
 
-    Every run's processes inherit RUNVISOR_PROJECT and RUNVISOR_RUN_ID in
-    their environment, and a process that called setsid keeps them, so the
-    environment identifies them after a daemon crash. Only processes of the
+    Every run's processes inherit the run's marker variables, and a process
+    that called setsid keeps them, so the environment identifies them after
+    they left the group or after a daemon crash. Only processes of the
     daemon's own user are readable, which are the only ones it may signal.
+    A process that replaced its environment (`env -i`, execve with a new
+    one) is not found.
     """
-    markers = {
-        f"RUNVISOR_PROJECT={project}".encode(),
-        f"RUNVISOR_RUN_ID={run_id}".encode(),
-    }
+    wanted = {f"{name}={value}".encode() for name, value in markers.items()}
+    if not wanted:
+        raise ValueError("find_processes needs at least one marker.")
     found: list[int] = []
     own_pid = os.getpid()
     for entry in os.scandir("/proc"):
@@ -399,52 +497,98 @@ def find_run_processes(project: str, run_id: int) -> list[int]:
                 variables = set(file.read().split(b"\0"))
         except OSError:
             continue
-        if markers <= variables:
+        if wanted <= variables:
             found.append(int(entry.name))
     return found
 
 
-async def end_processes(pids: list[int], timeout: float = 5.0) -> None:
-    """SIGTERM each process, then SIGKILL whatever is left after `timeout`."""
+def run_markers(data_dir: str | Path, project: str, run_id: int) -> dict[str, str]:
+    """The environment variables that mark every process of a run.
 
-    def alive() -> list[int]:
-        living = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:
-                pass
-            living.append(pid)
-        return living
-
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    with trio.move_on_after(timeout):
-        while alive():
-            await trio.sleep(GROUP_POLL_SECONDS)
-        return
-    for pid in alive():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
-async def end_lost_run(record: RunRecord) -> None:
-    """End every process left by a run whose daemon died while it ran.
-
-    Such processes are no children of this daemon, so they need no reaping.
+    The data dir tells apart the runs of two daemons on one machine, which
+    may both have a project of that name and a run of that id.
     """
-    project = record.project
-    run_id = record.id
-    pids = find_run_processes(project, run_id)
-    if pids:
-        logger.warning(
-            "ending %d leftover processes of lost run: project=%s run=%d pids=%s",
-            len(pids),
-            project,
-            run_id,
-            ",".join(map(str, pids)),
+    return {
+        DATA_DIR_VARIABLE: str(Path(data_dir)),
+        "RUNVISOR_PROJECT": project,
+        "RUNVISOR_RUN_ID": str(run_id),
+    }
+
+
+def find_run_processes(project: str, run_id: int) -> list[int]:
+    """Find live processes that belong to a run, wherever their group went."""
+    return find_processes({"RUNVISOR_PROJECT": project, "RUNVISOR_RUN_ID": str(run_id)})
+
+
+async def end_processes(
+    pids: list[int], timeout: float = 5.0, sig: int = signal.SIGTERM
+) -> None:
+    """Send `sig` to each process, then SIGKILL whatever is left after
+    `timeout`.
+
+    A process that exited counts as gone even while it waits, as a zombie,
+    for a parent that reaps slowly.
+    """
+    signal_processes(pids, sig)
+    with trio.move_on_after(timeout):
+        await wait_processes_gone(pids)
+        return
+    signal_processes([pid for pid in pids if is_alive(pid)], signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class StopSettings:
+    """How to stop the processes of one project: signal, then grace."""
+
+    signal: int = signal.SIGTERM
+    timeout: float = 5.0
+
+
+async def end_leftover_runs(
+    data_dir: str | Path, settings: Mapping[str, StopSettings]
+) -> None:
+    """End every process of every run of the daemon of `data_dir`.
+
+    Call it at start-up, before any run starts: a process marked with the
+    data dir then belongs to a run of a daemon that died, whatever its row in
+    the history says (a crash can come before the row is written, or between
+    marking the row lost and ending its processes). The processes of a
+    project get its stop signal and stop timeout from `settings`, those of a
+    project no longer configured the defaults of `StopSettings`. Such
+    processes are no children of this daemon, so they need no reaping.
+    """
+    pids = find_processes({DATA_DIR_VARIABLE: str(Path(data_dir))})
+    if not pids:
+        return
+    by_run: dict[tuple[str, str], list[int]] = {}
+    for pid in pids:
+        environ = _read_environ(pid)
+        key = (
+            environ.get("RUNVISOR_PROJECT", "?"),
+            environ.get("RUNVISOR_RUN_ID", "?"),
         )
-        await end_processes(pids)
+        by_run.setdefault(key, []).append(pid)
+    async with trio.open_nursery() as nursery:
+        for (project, run_id), run_pids in sorted(by_run.items()):
+            logger.warning(
+                "ending %d leftover processes of lost run: project=%s run=%s pids=%s",
+                len(run_pids),
+                project,
+                run_id,
+                ",".join(map(str, run_pids)),
+            )
+            stop = settings.get(project, StopSettings())
+            nursery.start_soon(end_processes, run_pids, stop.timeout, stop.signal)
+
+
+def _read_environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            raw = file.read()
+    except OSError:
+        return {}
+    variables = {}
+    for item in raw.split(b"\0"):
+        name, _, value = item.partition(b"=")
+        variables[name.decode(errors="replace")] = value.decode(errors="replace")
+    return variables

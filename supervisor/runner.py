@@ -63,6 +63,7 @@ from supervisor.process import (
     ProcessSpec,
     child_environment,
     open_process,
+    run_markers,
 )
 from supervisor.scheduler import CronSchedule, WallClock, run_schedule
 from supervisor.store import Store
@@ -554,18 +555,20 @@ class ProjectRunner:
             with active.scope:
                 resolved = await resolve_env(project, context.credentials)
                 masker = Masker(resolved.secrets)
+                markers = run_markers(context.settings.data_dir, self.name, record.id)
                 env = child_environment(
                     {
                         **resolved.variables,
-                        "RUNVISOR_PROJECT": self.name,
-                        "RUNVISOR_RUN_ID": str(record.id),
+                        **markers,
                         "RUNVISOR_TRIGGER": str(record.trigger),
                     }
                 )
                 if folder.is_dir():
                     write_env_file(folder, resolved.variables)
                     env_written = True
-                spec = ProcessSpec(command=project.command, cwd=folder, env=env)
+                spec = ProcessSpec(
+                    command=project.command, cwd=folder, env=env, markers=markers
+                )
                 async with open_process(
                     spec,
                     on_output,
