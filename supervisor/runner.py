@@ -72,6 +72,12 @@ logger = logging.getLogger(__name__)
 
 STOPPED_BY_USER = "stopped by user"
 
+# NOTE: past this many seconds of a locked or failing database, a run starts
+# before its row is on disk; a crash in that window loses the row, so a
+# catch-up may run that fire time again. Its processes are still found by
+# their environment markers.
+ROW_BEFORE_SPAWN_SECONDS = 2.0
+
 
 class TriggerOutcome(enum.StrEnum):
     STARTED = "started"
@@ -569,6 +575,12 @@ class ProjectRunner:
                 spec = ProcessSpec(
                     command=project.command, cwd=folder, env=env, markers=markers
                 )
+                # The row must be on disk before the child exists: after a
+                # crash it is what marks the run lost, and its fire time keeps
+                # a catch-up from running that fire time again. A database
+                # locked for longer delays the start only this long.
+                with trio.move_on_after(ROW_BEFORE_SPAWN_SECONDS):
+                    await context.store.flush()
                 async with open_process(
                     spec,
                     on_output,
@@ -581,10 +593,6 @@ class ProjectRunner:
                     active.scope = trio.CancelScope()
                     record.pid = child.pid
                     context.store.put_run(record)
-                    # The row with the pid must be on disk before the run goes
-                    # on: after a crash it is how leftover processes are found.
-                    with trio.CancelScope(shield=True):
-                        await context.store.flush()
                     logger.info(
                         "spawned: project=%s run=%d pid=%d trigger=%s",
                         self.name,
