@@ -475,7 +475,7 @@ def become_subreaper() -> bool:
 
 
 def find_processes(markers: Mapping[str, str]) -> list[int]:
-    """Find live processes whose environment holds every one of `markers`.
+    """Find live processes whose environment contains every one of `markers`.
 
     Every run's processes inherit the run's marker variables, and a process
     that called setsid keeps them, so the environment identifies them after
@@ -505,8 +505,8 @@ def find_processes(markers: Mapping[str, str]) -> list[int]:
 def run_markers(data_dir: str | Path, project: str, run_id: int) -> dict[str, str]:
     """The environment variables that mark every process of a run.
 
-    The data dir tells apart the runs of two daemons on one machine, which
-    may both have a project of that name and a run of that id.
+    The data dir distinguishes the runs of two daemons on one machine,
+    which may both have a project of that name and a run of that id.
     """
     return {
         DATA_DIR_VARIABLE: str(Path(data_dir)),
@@ -551,7 +551,7 @@ async def end_leftover_runs(
 
     Call it at start-up, before any run starts: a process marked with the
     data dir then belongs to a run of a daemon that died, whatever its row in
-    the history says (a crash can come before the row is written, or between
+    the history records (a crash can come before the row is written, or between
     marking the row lost and ending its processes). The processes of a
     project get its stop signal and stop timeout from `settings`, those of a
     project no longer configured the defaults of `StopSettings`. Such

@@ -25,6 +25,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,10 +40,12 @@ from supervisor.credentials import (
     write_env_file,
 )
 from supervisor.errors import CredentialError, SpawnError
+from supervisor.health import HealthChange, ProbeResult, watch
 from supervisor.logs import Hub, Masker, RunLog, delete_run_logs, run_log_path
 from supervisor.model import (
     CompletedEvent,
     Health,
+    HealthEvent,
     LogEvent,
     OverlapPolicy,
     ProjectState,
@@ -538,6 +541,10 @@ class ProjectRunner:
             else ProjectState.RUNNING
         )
         self._set_state(starting_state, f"run {record.id} ({record.trigger})")
+        if project.health is not None:
+            # Health and its counters belong to one run.
+            self.last_probe_at = None
+            self._set_health(record.id, Health.UNKNOWN, f"run {record.id} started")
         context.store.put_run(record)
 
         def on_output(stream: Stream, lines: list[str], at: float) -> None:
@@ -609,7 +616,9 @@ class ProjectRunner:
                             at=record.started_at,
                         )
                     )
-                    active.exit_status = await self._wait_run(active, child)
+                    active.exit_status = await self._wait_run(
+                        active, child, env, masker
+                    )
             if active.stop_reason is not None and active.child is not None:
                 # The stop came before or while the child was spawned.
                 active.exit_status = active.child.exit_status
@@ -658,29 +667,35 @@ class ProjectRunner:
         await self._prune()
         return record
 
-    async def _wait_run(self, active: ActiveRun, child: ChildProcess) -> ExitStatus:
+    async def _wait_run(
+        self,
+        active: ActiveRun,
+        child: ChildProcess,
+        env: Mapping[str, str],
+        masker: Masker,
+    ) -> ExitStatus:
         """Wait for the run to end by itself, or stop it when its scope is
-        cancelled (a person's stop, replacement, health) or it times out."""
+        cancelled (a person's stop, replacement, health) or it times out.
+
+        The health probe, if any, runs next to the wait and ends with it.
+        """
         project = self.project
         timeout = project.timeout if project.timeout is not None else math.inf
         with active.scope:
             with trio.move_on_after(timeout) as timeout_scope:
-                if self.mode == TriggerMode.ALWAYS_RUNNING:
-                    with trio.move_on_after(project.start_seconds):
-                        return await child.wait()
-                    self._set_state(ProjectState.RUNNING, f"run {active.record.id}")
-                    logger.info(
-                        "running: project=%s run=%d pid=%d up for start_seconds=%s",
-                        self.name,
-                        active.record.id,
-                        child.pid,
-                        format_duration(project.start_seconds),
-                    )
-                return await child.wait()
+                async with trio.open_nursery() as nursery:
+                    if project.health is not None:
+                        nursery.start_soon(self._watch_health, active, env, masker)
+                    status = await self._wait_child(active, child)
+                    nursery.cancel_scope.cancel()
+                return status
             if timeout_scope.cancelled_caught and active.stop_reason is None:
                 active.stop_reason = f"timed out after {format_duration(timeout)}"
                 active.stop_status = RunStatus.TIMED_OUT
-        self._set_state(ProjectState.STOPPING, active.stop_reason or "")
+        stopping_reason = active.stop_reason or ""
+        if active.health_failure is not None:
+            stopping_reason = f"restarting for health: {active.health_failure}"
+        self._set_state(ProjectState.STOPPING, stopping_reason)
         logger.info(
             "stopping: project=%s run=%d pid=%d signal=%s timeout=%s",
             self.name,
@@ -701,6 +716,52 @@ class ProjectRunner:
                 format_duration(project.stop_timeout),
             )
         return status
+
+    async def _wait_child(self, active: ActiveRun, child: ChildProcess) -> ExitStatus:
+        """Wait for the child to exit. An always-running run turns `running`
+        once it has stayed up for `start_seconds`."""
+        project = self.project
+        if self.mode == TriggerMode.ALWAYS_RUNNING:
+            with trio.move_on_after(project.start_seconds):
+                return await child.wait()
+            self._set_state(ProjectState.RUNNING, f"run {active.record.id}")
+            logger.info(
+                "running: project=%s run=%d pid=%d up for start_seconds=%s",
+                self.name,
+                active.record.id,
+                child.pid,
+                format_duration(project.start_seconds),
+            )
+        return await child.wait()
+
+    async def _watch_health(
+        self, active: ActiveRun, env: Mapping[str, str], masker: Masker
+    ) -> None:
+        """Probe the run; when it must be restarted for health, stop it the
+        normal way, marked so the restart policy counts it as a failure."""
+        health = self.project.health
+        assert health is not None
+        run_id = active.record.id
+
+        def on_result(result: ProbeResult, change: HealthChange | None) -> None:
+            self.last_probe_at = utc_now(self.context.clock)
+            logger.debug(
+                "probe %s: project=%s run=%d duration=%.3fs %s",
+                "succeeded" if result.ok else "failed",
+                self.name,
+                run_id,
+                result.duration,
+                masker.mask(result.error),
+            )
+            if change is not None:
+                self._set_health(run_id, change.new, masker.mask(change.reason))
+
+        error = await watch(
+            health, cwd=Path(self.project.path), env=env, on_result=on_result
+        )
+        if active.stop_reason is None:
+            active.health_failure = masker.mask(error)
+            active.scope.cancel()
 
     def _finish_record(self, active: ActiveRun, record: RunRecord) -> None:
         status = active.exit_status or ExitStatus(None, None)
@@ -766,6 +827,32 @@ class ProjectRunner:
             self._record_event(
                 "state", self._current_run_id(), f"{old} -> {new}: {reason}"
             )
+
+    def _set_health(self, run_id: int, new: Health, reason: str) -> None:
+        old = self.health
+        if old == new:
+            return
+        self.health = new
+        level = logging.WARNING if new == Health.UNHEALTHY else logging.INFO
+        logger.log(
+            level,
+            "health %s: project=%s run=%d %s",
+            new,
+            self.name,
+            run_id,
+            reason,
+        )
+        self.context.hub.publish(
+            HealthEvent(
+                project=self.name,
+                run_id=run_id,
+                old=old,
+                new=new,
+                reason=reason,
+                at=utc_now(self.context.clock),
+            )
+        )
+        self._record_event("health", run_id, f"{old} -> {new}: {reason}")
 
     def _record_event(self, kind: str, run_id: int | None, detail: str) -> None:
         self.context.store.put_event(
