@@ -8,8 +8,10 @@ reads the port it got.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -32,9 +34,16 @@ from supervisor.health import (
 )
 from supervisor.model import (
     Health,
+    HealthEvent,
     OnUnhealthy,
+    ProjectState,
+    RunEvent,
+    RunRecord,
+    RunStatus,
+    StateEvent,
 )
 
+from .daemon_harness import WALL_BASE, Harness, running_daemon
 from .helpers import marked_pids, write_script
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -283,7 +292,7 @@ async def test_http_probe_survives_close_at_once(
 
     assert not result.ok
     # Depending on when the close lands, the client sees an end of file or
-    # a reset; both must be a plain failure.
+    # a reset, and both must be a plain failure.
     assert result.error in (
         f"GET {url} failed: the server closed the connection without a response",
         f"GET {url} failed: the server reset the connection",
@@ -734,3 +743,499 @@ async def test_watch_cancel_kills_running_exec_probe(
 
     assert len(seen_running) == 1
     assert marked_pids("t1h-") == []
+
+
+# Through the runner: a real daemon on the mock clock
+
+
+@dataclass(frozen=True)
+class ProbeLine:
+    """One probe result as the runner logged it; `at` is the trio time."""
+
+    at: float
+    ok: bool
+    run_id: int
+    duration: float
+    error: str
+
+    @property
+    def started_at(self) -> float:
+        return self.at - self.duration
+
+
+class ProbeLog(logging.Handler):
+    """Collects the runner's debug line for each probe result."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[ProbeLine] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("probe ") or not record.args:
+            return
+        outcome, _project, run_id, duration, error = record.args
+        self.lines.append(
+            ProbeLine(
+                at=trio.current_time(),
+                ok=outcome == "succeeded",
+                run_id=int(str(run_id)),
+                duration=float(str(duration)),
+                error=str(error),
+            )
+        )
+
+    def of_run(self, run_id: int) -> list[ProbeLine]:
+        return [line for line in self.lines if line.run_id == run_id]
+
+
+@pytest.fixture
+def probe_log() -> Iterator[ProbeLog]:
+    runner_logger = logging.getLogger("supervisor.runner")
+    handler = ProbeLog()
+    level = runner_logger.level
+    runner_logger.setLevel(logging.DEBUG)
+    runner_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        runner_logger.removeHandler(handler)
+        runner_logger.setLevel(level)
+
+
+@asynccontextmanager
+async def sampling(every: float, sample: Callable[[], None]) -> AsyncIterator[None]:
+    """Call `sample` every `every` seconds of trio time while the block runs."""
+
+    async def loop() -> None:
+        while True:
+            sample()
+            await trio.sleep(every)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+def app_config(folder: Path, health: str, extra: str = "") -> str:
+    """An always-running project `app` with a health table of `health`."""
+    return f"""
+    [projects.app]
+    path = "{folder}"
+    trigger = "always_running"
+    restart = "always"
+    backoff = {{ initial = "1s" }}
+    stop_timeout = "2s"
+    {extra}
+
+    [projects.app.health]
+    {health}
+    """
+
+
+def state_changes(daemon: Harness) -> list[ProjectState]:
+    return [event.new for event in daemon.events if isinstance(event, StateEvent)]
+
+
+def health_events(daemon: Harness) -> list[HealthEvent]:
+    return [event for event in daemon.events if isinstance(event, HealthEvent)]
+
+
+async def stored_health_events(daemon: Harness) -> list[RunEvent]:
+    store = daemon.daemon.store
+    assert store is not None
+    await store.flush()
+    events = await store.events("app", limit=None)
+    return sorted(
+        (event for event in events if event.kind == "health"),
+        key=lambda event: event.at,
+    )
+
+
+def wall_seconds(record: RunRecord) -> float:
+    return (record.started_at - WALL_BASE).total_seconds()
+
+
+async def test_healthy_probe_reports_health(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = tmp_path / "app"
+    write_script(folder, "exec -a t1h-app sleep 1000")
+    async with serving(answer("200 OK", b"ok")) as port:
+        health = f"""
+        http = "http://127.0.0.1:{port}/healthz"
+        interval = "1s"
+        success_threshold = 2
+        """
+        async with running_daemon(tmp_path, app_config(folder, health)) as daemon:
+            runner = daemon.manager.runner("app")
+            assert runner.health == Health.UNKNOWN
+            await daemon.wait_for(lambda: runner.health == Health.HEALTHY)
+            (status,) = daemon.manager.status("app")
+            stored = await stored_health_events(daemon)
+            await daemon.manager.stop("app")
+
+    assert status.health == Health.HEALTHY
+    assert status.last_probe_at is not None
+    assert (status.last_probe_at - WALL_BASE).total_seconds() == pytest.approx(
+        2.0, abs=0.1
+    )
+    (event,) = health_events(daemon)
+    assert event.run_id == status.run_id
+    assert (event.old, event.new) == (Health.UNKNOWN, Health.HEALTHY)
+    assert event.reason == "2 probes in a row succeeded"
+    assert [(event.run_id, event.detail) for event in stored] == [
+        (status.run_id, "unknown -> healthy: 2 probes in a row succeeded")
+    ]
+
+
+async def test_failing_http_probe_restarts_project(
+    tmp_path: Path, fast_clock: MockClock, probe_log: ProbeLog
+) -> None:
+    """An app that is alive but never serves its health URL is stopped and
+    started again through the restart policy, never left down."""
+    folder = tmp_path / "app"
+    write_script(
+        folder,
+        """
+        echo "start $$" >> starts.log
+        exec -a f06-app sleep 1000
+        """,
+    )
+    port = unused_port()
+    url = f"http://127.0.0.1:{port}/health"
+    health = f"""
+    http = "{url}"
+    start_period = "1s"
+    interval = "1s"
+    timeout = "1s"
+    failure_threshold = 3
+    """
+    apps_alive: list[int] = []
+
+    def count_apps() -> None:
+        apps_alive.append(len(marked_pids("f06-app")))
+
+    async with running_daemon(tmp_path, app_config(folder, health)) as daemon:
+        runner = daemon.manager.runner("app")
+        async with sampling(0.5, count_apps):
+            await daemon.wait_for(lambda: runner.health == Health.UNHEALTHY)
+            (unhealthy_status,) = daemon.manager.status("app")
+            first_run_id = unhealthy_status.run_id
+            await daemon.wait_for(
+                lambda: (
+                    runner.status().run_id not in (None, first_run_id)
+                    and runner.state == ProjectState.RUNNING
+                )
+            )
+            (running_status,) = daemon.manager.status("app")
+        states_before_stop = state_changes(daemon)
+        restarts = runner.tracker.restarts
+        runs = await daemon.wait_runs("app", 1)
+        stored = await stored_health_events(daemon)
+        await daemon.manager.stop("app")
+
+    first, second = runs[:2]
+    assert first.id == first_run_id
+    assert first.status == RunStatus.FAILED
+    assert first.reason == (
+        f"restarted for health: GET {url} failed: "
+        f"cannot connect to 127.0.0.1:{port}: connection refused"
+    )
+    assert wall_seconds(second) - wall_seconds(first) <= 12
+    assert len((folder / "starts.log").read_text().splitlines()) >= 2
+    assert max(apps_alive) == 1
+    assert unhealthy_status.health == Health.UNHEALTHY
+    assert unhealthy_status.state in (
+        ProjectState.RUNNING,
+        ProjectState.STOPPING,
+        ProjectState.BACKOFF,
+    )
+    # The new run starts with unknown health and fresh counters.
+    assert running_status.health == Health.UNKNOWN
+    assert restarts >= 1
+    assert set(states_before_stop) <= {
+        ProjectState.STARTING,
+        ProjectState.RUNNING,
+        ProjectState.STOPPING,
+        ProjectState.BACKOFF,
+    }
+    assert [line.ok for line in probe_log.of_run(first.id)] == [False] * 3
+    assert [(event.run_id, event.detail) for event in stored[:2]] == [
+        (
+            first.id,
+            "unknown -> unhealthy: 3 probes in a row failed, the last: "
+            f"GET {url} failed: cannot connect to 127.0.0.1:{port}: "
+            "connection refused",
+        ),
+        (second.id, f"unhealthy -> unknown: run {second.id} started"),
+    ]
+
+
+async def test_hung_exec_probe_is_killed_in_time(
+    tmp_path: Path, fast_clock: MockClock, probe_log: ProbeLog
+) -> None:
+    folder = tmp_path / "app"
+    write_script(folder, "exec -a f07-app sleep 1000")
+    write_script(folder, "exec -a f07-probe sleep 30", "probe.sh")
+    health = """
+    exec = "./probe.sh"
+    timeout = "1s"
+    interval = "2s"
+    failure_threshold = 2
+    """
+    probes_alive: list[int] = []
+    first_seen: dict[int, float] = {}
+    last_seen: dict[int, float] = {}
+
+    def watch_probes() -> None:
+        pids = marked_pids("f07-probe")
+        now = trio.current_time()
+        probes_alive.append(len(pids))
+        for pid in pids:
+            first_seen.setdefault(pid, now)
+            last_seen[pid] = now
+
+    async with running_daemon(tmp_path, app_config(folder, health)) as daemon:
+        runner = daemon.manager.runner("app")
+        async with sampling(0.5, watch_probes):
+            first = (await daemon.wait_runs("app", 1))[0]
+            await daemon.wait_for(lambda: len(probe_log.of_run(first.id + 1)) >= 1)
+        await daemon.manager.stop("app")
+        left_after_stop = marked_pids("f07-probe")
+        runs = await daemon.history("app")
+
+    second = min((run for run in runs if run.id > first.id), key=lambda run: run.id)
+    assert first.reason == (
+        "restarted for health: exec probe './probe.sh' timed out after 1s "
+        "and was killed"
+    )
+    probes = probe_log.of_run(first.id)
+    assert [line.ok for line in probes] == [False, False]
+    assert all(1.0 <= line.duration < 1.5 for line in probes)
+    first_probe_at = probes[0].started_at - wall_seconds(first)
+    assert wall_seconds(second) - first_probe_at <= 8
+    assert max(probes_alive) == 1
+    ages = [last_seen[pid] - first_seen[pid] for pid in first_seen]
+    assert max(ages) <= 1.5
+    assert left_after_stop == []
+    assert runner.state == ProjectState.STOPPED
+
+
+async def test_mute_http_server_fails_probes_in_time(
+    tmp_path: Path, fast_clock: MockClock, probe_log: ProbeLog
+) -> None:
+    folder = tmp_path / "app"
+    write_script(folder, "exec -a f07-app sleep 1000")
+    status_calls: list[tuple[float, float]] = []
+
+    async with serving(mute) as port:
+        url = f"http://127.0.0.1:{port}/"
+        health = f"""
+        http = "{url}"
+        timeout = "1s"
+        interval = "1s"
+        failure_threshold = 3
+        """
+        async with running_daemon(tmp_path, app_config(folder, health)) as daemon:
+
+            def call_status() -> None:
+                before = time.perf_counter()
+                daemon.manager.status("app")
+                status_calls.append((trio.current_time(), time.perf_counter() - before))
+
+            async with sampling(0.5, call_status):
+                first = (await daemon.wait_runs("app", 1))[0]
+                await daemon.wait_for(lambda: len(probe_log.of_run(first.id + 1)) >= 2)
+            await daemon.manager.stop("app")
+            runs = await daemon.history("app")
+
+    timeout_error = f"GET {url} failed: timed out after 1s waiting for the response"
+    assert first.reason == f"restarted for health: {timeout_error}"
+    assert {line.error for line in probe_log.lines} == {timeout_error}
+    assert max(line.duration for line in probe_log.lines) <= 1.5
+    second = min((run for run in runs if run.id > first.id), key=lambda run: run.id)
+    assert wall_seconds(second) - wall_seconds(first) <= 6
+    later = probe_log.of_run(second.id)
+    assert later[1].started_at > later[0].started_at
+    assert max(seconds for _, seconds in status_calls) < 0.05
+    # `status` was served while each probe of the first run was waiting.
+    for line in probe_log.of_run(first.id):
+        assert any(line.started_at < at < line.at for at, _ in status_calls)
+
+
+async def test_tcp_probe_to_mute_listener_no_restart(
+    tmp_path: Path, fast_clock: MockClock, probe_log: ProbeLog
+) -> None:
+    folder = tmp_path / "app"
+    write_script(folder, "exec -a f07-app sleep 1000")
+
+    async with serving(mute) as port:
+        health = f"""
+        tcp = "127.0.0.1:{port}"
+        timeout = "1s"
+        interval = "1s"
+        failure_threshold = 3
+        """
+        async with running_daemon(tmp_path, app_config(folder, health)) as daemon:
+            runner = daemon.manager.runner("app")
+            await daemon.wait_state("app", ProjectState.RUNNING)
+            pid = runner.status().pid
+            await trio.sleep(20)
+            (status,) = daemon.manager.status("app")
+            runs = await daemon.history("app")
+            await daemon.manager.stop("app")
+
+    assert status.health == Health.HEALTHY
+    assert status.pid == pid
+    assert status.restarts == 0
+    assert [run.status for run in runs] == [RunStatus.RUNNING]
+    assert len(probe_log.lines) >= 15
+    assert all(line.ok for line in probe_log.lines)
+
+
+async def test_unhealthy_without_restart_only_reports(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = tmp_path / "app"
+    write_script(folder, "exec -a t1h-app sleep 1000")
+    serving_ok = False
+
+    async def flaky(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await respond(stream, "200 OK" if serving_ok else "503 Service Unavailable")
+
+    async with serving(flaky) as port:
+        health = f"""
+        http = "http://127.0.0.1:{port}/"
+        interval = "1s"
+        failure_threshold = 2
+        on_unhealthy = "none"
+        """
+        async with running_daemon(tmp_path, app_config(folder, health)) as daemon:
+            runner = daemon.manager.runner("app")
+            await daemon.wait_for(lambda: runner.health == Health.UNHEALTHY)
+            pid = runner.status().pid
+            await trio.sleep(10)
+            unhealthy_state = runner.state
+            unhealthy_runs = await daemon.history("app")
+            serving_ok = True
+            await daemon.wait_for(lambda: runner.health == Health.HEALTHY)
+            healthy_pid = runner.status().pid
+            await daemon.manager.stop("app")
+
+    assert unhealthy_state == ProjectState.RUNNING
+    assert [run.status for run in unhealthy_runs] == [RunStatus.RUNNING]
+    assert healthy_pid == pid
+    assert [(event.old, event.new) for event in health_events(daemon)] == [
+        (Health.UNKNOWN, Health.UNHEALTHY),
+        (Health.UNHEALTHY, Health.HEALTHY),
+    ]
+
+
+async def test_health_restarts_reach_restart_limit(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = tmp_path / "app"
+    write_script(folder, "exec -a t1h-app sleep 1000")
+    health = f"""
+    tcp = "127.0.0.1:{unused_port()}"
+    interval = "2s"
+    failure_threshold = 1
+    """
+    config = app_config(folder, health, 'restart_limit = 2\n    restart_window = "1m"')
+    async with running_daemon(tmp_path, config) as daemon:
+        runner = daemon.manager.runner("app")
+        await daemon.wait_state("app", ProjectState.FATAL)
+        runs = await daemon.wait_runs("app", 3)
+        reason = runner.reason
+
+    assert len(runs) == 3
+    assert [run.status for run in runs] == [RunStatus.FAILED] * 3
+    assert all(run.reason.startswith("restarted for health: ") for run in runs)
+    assert "restart_limit = 2" in reason
+    assert runner.tracker.restarts == 2
+    assert marked_pids("t1h-") == []
+
+
+async def test_exec_probe_gets_run_env_masked(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    folder = tmp_path / "app"
+    write_script(folder, "exec -a t1h-app sleep 1000")
+    write_script(
+        folder,
+        """
+        echo "$PWD|$RUNVISOR_PROJECT|$RUNVISOR_RUN_ID|$PLAIN" > probe-env.txt
+        echo "rejected token $TOKEN" >&2
+        exit 1
+        """,
+        "check.sh",
+    )
+    health = """
+    exec = "./check.sh"
+    interval = "1s"
+    failure_threshold = 1
+    on_unhealthy = "none"
+    """
+    env = """
+    [projects.app.env]
+    PLAIN = "plain value"
+    TOKEN = { value = "s3cr3t-token-value" }
+    """
+    async with running_daemon(tmp_path, app_config(folder, health) + env) as daemon:
+        runner = daemon.manager.runner("app")
+        await daemon.wait_for(lambda: runner.health == Health.UNHEALTHY)
+        run_id = runner.status().run_id
+        stored = await stored_health_events(daemon)
+        await daemon.manager.stop("app")
+
+    seen = (folder / "probe-env.txt").read_text().strip()
+    assert seen == f"{folder}|app|{run_id}|plain value"
+    (event,) = health_events(daemon)
+    assert event.reason == (
+        "the probe failed: exec probe './check.sh' failed with exit code 1: "
+        "rejected token ***"
+    )
+    assert "s3cr3t" not in stored[0].detail
+    assert stored[0].detail.endswith("rejected token ***")
+
+
+async def test_health_restart_counts_clean_exit_as_failure(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    """A run stopped for health fails even when the program exits 0 on the
+    stop signal, so `restart = "on-failure"` restarts it."""
+    folder = tmp_path / "app"
+    write_script(
+        folder,
+        """
+        trap 'exit 0' TERM
+        (exec -a t1h-app sleep 1000) &
+        wait
+        """,
+    )
+    health = f"""
+    tcp = "127.0.0.1:{unused_port()}"
+    interval = "2s"
+    failure_threshold = 1
+    """
+    config = app_config(folder, health).replace(
+        'restart = "always"', 'restart = "on-failure"'
+    )
+    async with running_daemon(tmp_path, config) as daemon:
+        runner = daemon.manager.runner("app")
+        first = (await daemon.wait_runs("app", 1))[0]
+        await daemon.wait_for(
+            lambda: (
+                runner.status().run_id not in (None, first.id)
+                and runner.state == ProjectState.RUNNING
+            )
+        )
+        restarts = runner.tracker.restarts
+        await daemon.manager.stop("app")
+
+    assert first.exit_code == 0
+    assert first.status == RunStatus.FAILED
+    assert first.reason.startswith("restarted for health: connect to 127.0.0.1:")
+    assert restarts == 1
