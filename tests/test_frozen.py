@@ -178,6 +178,39 @@ def test_binary_version_and_help(binary: Path, tmp_path: Path, option: str) -> N
     assert unpacked_folders(env) == []
 
 
+def test_binary_carries_backends_not_setuptools(binary: Path) -> None:
+    archives = pytest.importorskip(
+        "PyInstaller.archive.readers",
+        reason="needs PyInstaller: pip install -e '.[build]'",
+    )
+    executable = archives.CArchiveReader(str(binary))
+    modules = set(executable.open_embedded_archive("PYZ.pyz").toc)
+    entries = set(executable.toc)
+
+    for module in (
+        "keyring.backends.SecretService",
+        "keyring.backends.kwallet",
+        "keyring.backends.chainer",
+        "keyring.backends.fail",
+        "keyring.backends.null",
+        "secretstorage",
+        "jeepney",
+        "cryptography.hazmat.primitives.ciphers.aead",
+        "cryptography.hazmat.primitives.kdf.scrypt",
+    ):
+        assert module in modules
+    assert "cryptography/hazmat/bindings/_rust.abi3.so" in entries
+    # keyring finds its backends through the entry points in its metadata.
+    assert any(
+        name.startswith("keyring-") and name.endswith(".dist-info/entry_points.txt")
+        for name in entries
+    )
+    left_out = ("setuptools", "pkg_resources", "pyi_rth_pkgres", "pyi_rth_setuptools")
+    assert sorted(name for name in modules | entries if name.startswith(left_out)) == []
+    # The runtime hook that loads the unpacked files early for the daemon.
+    assert "preload" in entries
+
+
 def test_version_verbose_lists_libraries(
     runvisor_command: list[str], tmp_path: Path
 ) -> None:
