@@ -401,17 +401,19 @@ def test_daemon_survives_a_temp_cleaner(binary: Path, tmp_path: Path) -> None:
             assert status.returncode == 0, status.stderr
             assert "a " in status.stdout
 
-            # A reload that starts another project, whose run gets the
-            # credential X from the daemon's file store.
-            name = f"b{rounds}"
-            projects += output_project(
-                tmp_path,
-                name,
-                'echo "X=$X"',
-                env=f'[projects.{name}.env]\nX = {{ credential = "X" }}\n',
+            # A reload that adds a manual project, then a run of it, which
+            # gets the credential X from the daemon's file store.
+            name = f"m{rounds}"
+            write_script(tmp_path / name, 'echo "X=$X" > out.txt')
+            projects += (
+                f'[projects.{name}]\ntrigger = "manual"\npath = "{tmp_path / name}"\n'
+                f'[projects.{name}.env]\nX = {{ credential = "X" }}\n'
             )
             config.write_text(config_text(tmp_path, projects))
-            daemon.send(signal.SIGHUP)
+            reload = run_cli(command, config, "reload", env=env)
+            assert reload.returncode == 0, reload.stdout + reload.stderr
+            started = run_cli(command, config, "trigger", name, env=env)
+            assert started.returncode == 0, started.stdout + started.stderr
             seen = read_when_written(tmp_path / name / "out.txt", 10, daemon.log())
             assert seen == "X=v1\n"
 
