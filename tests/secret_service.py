@@ -52,14 +52,23 @@ def _read_line(process: subprocess.Popen[bytes], timeout: float) -> str:
     return process.stdout.readline().decode().strip()
 
 
-def _service_is_up(address: str) -> bool:
+def _service_is_ready(address: str) -> bool:
+    """Return whether the Secret Service is on the bus with its default
+    collection unlocked.
+
+    gnome-keyring registers its bus name before it has created the login
+    collection, and a store into a missing default collection asks for a
+    password prompt, which fails without a display.
+    """
     import secretstorage
     from jeepney.io.blocking import open_dbus_connection
 
     try:
         with open_dbus_connection(bus=address) as connection:
-            return bool(secretstorage.check_service_availability(connection))
-    except (OSError, ValueError):
+            if not secretstorage.check_service_availability(connection):
+                return False
+            return not secretstorage.Collection(connection).is_locked()
+    except (OSError, ValueError, secretstorage.exceptions.SecretStorageException):
         return False
 
 
@@ -136,14 +145,14 @@ def running_secret_service(folder: Path) -> Iterator[SecretService]:
         keyring_daemon.stdin.close()
 
         deadline = time.monotonic() + START_TIMEOUT
-        while not _service_is_up(address):
+        while not _service_is_ready(address):
             if keyring_daemon.poll() is not None:
                 pytest.skip(
                     f"gnome-keyring-daemon exited with {keyring_daemon.returncode}"
                 )
             if time.monotonic() > deadline:
                 pytest.skip(
-                    f"gnome-keyring-daemon did not appear on the bus within "
+                    f"gnome-keyring-daemon did not open its login keyring within "
                     f"{START_TIMEOUT:g} s"
                 )
             time.sleep(0.05)
