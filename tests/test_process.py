@@ -17,7 +17,7 @@ from supervisor.errors import SpawnError
 from supervisor.model import Stream
 from supervisor.process import ProcessSpec, open_process
 
-from .helpers import marked_pids, write_script
+from .helpers import marked_pids, wait_until_gone, write_script
 
 
 class Collector:
@@ -144,6 +144,8 @@ async def test_grandchild_holding_pipes_does_not_hang_the_run(tmp_path: Path) ->
     finally:
         for pid in marked_pids("t05-"):
             os.kill(pid, signal.SIGKILL)
+        # SIGKILL takes effect a moment after kill() returns.
+        assert wait_until_gone("t05-", 2.0) == []
 
 
 async def test_cancellation_stops_the_run(tmp_path: Path) -> None:
