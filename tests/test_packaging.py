@@ -31,6 +31,9 @@ UNIT = PACKAGING / "runvisor.service"
 
 NOTIFY_STATES = ("READY=1", "RELOADING=1", "STOPPING=1")
 
+# Under `make test-frozen` these tests install, check and run the executable.
+pytestmark = pytest.mark.frozen
+
 
 def unit_settings(path: Path) -> configparser.RawConfigParser:
     parser = configparser.RawConfigParser(strict=False, delimiters=("=",))
@@ -247,7 +250,6 @@ def test_install_rejects_a_missing_binary(tmp_path: Path) -> None:
 # systemd's notify protocol
 
 
-@pytest.mark.frozen
 def test_notify_states_in_order(runvisor_command: list[str], tmp_path: Path) -> None:
     env = fresh_environment(tmp_path)
     config = tmp_path / "runvisor.toml"
