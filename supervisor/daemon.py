@@ -35,7 +35,12 @@ from supervisor.errors import StoreError
 from supervisor.logs import Hub
 from supervisor.manager import Manager
 from supervisor.model import ReloadEvent
-from supervisor.process import StopSettings, become_subreaper, end_leftover_runs
+from supervisor.process import (
+    StopSettings,
+    become_subreaper,
+    end_leftover_runs,
+    reap_orphans,
+)
 from supervisor.runner import RuntimeContext
 from supervisor.scheduler import SystemClock, WallClock
 from supervisor.store import Store
@@ -153,6 +158,7 @@ class Daemon:
             )
             async with trio.open_nursery() as root:
                 await root.start(store.writer)
+                await root.start(reap_orphans)
                 with trio.open_signal_receiver(
                     signal.SIGTERM, signal.SIGINT, signal.SIGHUP
                 ) as signals:

@@ -415,6 +415,7 @@ async def open_process(
     Raises SpawnError when the run cannot be started.
     """
     argv = resolve_argv(spec)
+    _leaders.spawning += 1
     try:
         process = await trio.lowlevel.open_process(
             argv,
@@ -425,11 +426,16 @@ async def open_process(
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        _leaders.pids.add(process.pid)
     except OSError as error:
         reason = error.strerror or str(error)
         if error.errno == errno.ENOEXEC:
             reason = "exec format error (is the first line a valid '#!' line?)"
         raise SpawnError(f"Cannot start {argv[0]!r}: {reason}.") from None
+    finally:
+        _leaders.spawning -= 1
+        if _leaders.reap_deferred:
+            reap_orphans_now()
 
     child = ChildProcess(process, spec.markers)
     assert process.stdout is not None
@@ -454,6 +460,66 @@ async def open_process(
                 pumps.cancel_scope.cancel()
                 await process.stdout.aclose()
                 await process.stderr.aclose()
+                _leaders.pids.discard(child.pid)
+
+
+@dataclass
+class _Leaders:
+    """The run leaders that this process spawned and has not reaped yet.
+
+    The orphan reaper must leave them alone: their owners reap them, and a
+    stolen exit status would read as exit code 0.
+    """
+
+    pids: set[int] = field(default_factory=set)
+    spawning: int = 0
+    """Spawns in progress, whose new pid is not in `pids` yet."""
+    reap_deferred: bool = False
+
+
+_leaders = _Leaders()
+
+
+def reap_orphans_now() -> None:
+    """Reap the exited processes that were re-parented to this process.
+
+    As the child subreaper, the daemon adopts every orphaned process of its
+    runs, and each one that exits stays a zombie until the daemon reaps it.
+    Reaped here: zombie children outside the daemon's own session, which are
+    not run leaders. A child that a library started without a new session
+    keeps the daemon's session and is left to its owner. While a spawn is in
+    progress its leader is not known yet, so the pass waits for its end.
+    """
+    if _leaders.spawning:
+        _leaders.reap_deferred = True
+        return
+    _leaders.reap_deferred = False
+    own_pid = os.getpid()
+    own_session = os.getsid(0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        # Fields: state, ppid, pgrp, session, ...
+        fields = _stat_fields(entry.name)
+        if len(fields) < 4 or fields[0] != b"Z" or int(fields[1]) != own_pid:
+            continue
+        pid = int(entry.name)
+        if pid in _leaders.pids or int(fields[3]) == own_session:
+            continue
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+async def reap_orphans(
+    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Reap adopted processes of runs as they exit (on SIGCHLD), until
+    cancelled. Must run in the main thread."""
+    with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+        task_status.started()
+        reap_orphans_now()
+        async for _ in signals:
+            reap_orphans_now()
 
 
 def become_subreaper() -> bool:
