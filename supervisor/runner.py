@@ -333,6 +333,7 @@ class ProjectRunner:
                 catch_up=self.project.catch_up,
                 jitter=self.project.jitter,
                 on_next=self._on_next_fire,
+                name=self.name,
                 task_status=task_status,
             )
 
@@ -588,6 +589,10 @@ class ProjectRunner:
                 # locked for longer delays the start only this long.
                 with trio.move_on_after(ROW_BEFORE_SPAWN_SECONDS):
                     await context.store.flush()
+                # From here on a stop cancels only the waiting for the child,
+                # so `_wait_run` stops it the normal way (state `stopping`),
+                # even when the stop arrives while the child is being spawned.
+                active.scope = trio.CancelScope()
                 async with open_process(
                     spec,
                     on_output,
@@ -595,9 +600,6 @@ class ProjectRunner:
                     stop_timeout=project.stop_timeout,
                 ) as child:
                     active.child = child
-                    # From here on a stop cancels only the waiting for the
-                    # child, so `_wait_run` can stop it the normal way.
-                    active.scope = trio.CancelScope()
                     record.pid = child.pid
                     context.store.put_run(record)
                     logger.info(
