@@ -28,11 +28,8 @@ from trio.testing import MockClock
 
 from supervisor.config import find_config_path, load_config
 from supervisor.control import Client, RequestFailed, locate_config, locate_socket
-from supervisor.control_server import (
-    EVENT_QUEUE,
-    ControlServer,
-    open_control_socket,
-)
+from supervisor.control_server import EVENT_QUEUE, ControlServer
+from supervisor.control_socket import open_control_socket
 from supervisor.daemon import Daemon
 from supervisor.errors import ControlError, DaemonNotRunning
 from supervisor.model import LogEvent, ProjectState, Stream
