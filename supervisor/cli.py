@@ -287,7 +287,7 @@ def add_creds_commands(commands: Any) -> None:
     backend.add_argument("--json", action="store_true", help="print one JSON document")
 
 
-# What the shell completes an argument with: set on the argparse action.
+# Kinds of values the shell completes an argument with, set on its action.
 PROJECT = "project"
 RUN_ID = "run_id"
 CONFIG_KEY = "config_key"
