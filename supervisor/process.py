@@ -26,6 +26,7 @@ import ctypes
 import errno
 import logging
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -61,6 +62,15 @@ FROZEN_LOADER_VARIABLES = ("LD_LIBRARY_PATH", "LIBPATH", "DYLD_LIBRARY_PATH")
 OutputCallback = Callable[[Stream, list[str], float], None]
 
 DATA_DIR_VARIABLE = "RUNVISOR_DATA_DIR"
+
+# File descriptors that a spawn needs in the daemon at most (pipes, the
+# error pipe of the fork, a pidfd) and that a run then keeps (two pipes, a
+# pidfd, its log file).
+SPAWN_DESCRIPTORS = 8
+# File descriptors kept free for the control socket, the database and log
+# files: a run that would leave fewer is not started, so that the daemon
+# can still be asked for status and told to stop when runs use up the rest.
+RESERVED_DESCRIPTORS = 64
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,41 @@ def resolve_argv(spec: ProcessSpec) -> list[str]:
                 f"Run 'chmod +x {program}'."
             )
     return argv
+
+
+def descriptor_limit_message(in_use: int | None = None) -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = "" if in_use is None else f"{in_use} of "
+    return (
+        f"runvisor has {used}its {soft} file descriptors in use. Raise the "
+        "limit (ulimit -n, or LimitNOFILE= in the systemd unit) or run fewer "
+        "projects at once."
+    )
+
+
+def check_descriptors() -> None:
+    """Raise SpawnError when a spawn would leave fewer than
+    RESERVED_DESCRIPTORS file descriptors free."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    in_use = len(os.listdir("/proc/self/fd"))
+    if in_use + SPAWN_DESCRIPTORS + RESERVED_DESCRIPTORS > soft:
+        raise SpawnError(
+            "Not started, to keep file descriptors free for the control socket "
+            f"and the history: {descriptor_limit_message(in_use)}"
+        )
+
+
+def describe_os_error(error: OSError) -> str:
+    """Describe an OSError of a run's start as a sentence, with the fix when
+    the daemon ran out of file descriptors."""
+    text = error.strerror or str(error)
+    if error.filename is not None:
+        text = f"{text}: {error.filename}"
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        return f"{text}. {descriptor_limit_message()}"
+    return f"{text}."
 
 
 def signal_group(pgid: int, sig: int) -> bool:
@@ -415,6 +460,7 @@ async def open_process(
     Raises SpawnError when the run cannot be started.
     """
     argv = resolve_argv(spec)
+    check_descriptors()
     _leaders.spawning += 1
     try:
         process = await trio.lowlevel.open_process(
@@ -428,10 +474,12 @@ async def open_process(
         )
         _leaders.pids.add(process.pid)
     except OSError as error:
-        reason = error.strerror or str(error)
+        reason = f"{error.strerror or error}."
         if error.errno == errno.ENOEXEC:
-            reason = "exec format error (is the first line a valid '#!' line?)"
-        raise SpawnError(f"Cannot start {argv[0]!r}: {reason}.") from None
+            reason = "exec format error (is the first line a valid '#!' line?)."
+        elif error.errno in (errno.EMFILE, errno.ENFILE):
+            reason += f" {descriptor_limit_message()}"
+        raise SpawnError(f"Cannot start {argv[0]!r}: {reason}") from None
     finally:
         _leaders.spawning -= 1
         if _leaders.reap_deferred:

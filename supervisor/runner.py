@@ -65,6 +65,7 @@ from supervisor.process import (
     ExitStatus,
     ProcessSpec,
     child_environment,
+    describe_os_error,
     open_process,
     run_markers,
 )
@@ -626,7 +627,10 @@ class ProjectRunner:
                 active.exit_status = active.child.exit_status
             self._finish_record(active, record)
         except (SpawnError, CredentialError, OSError) as error:
-            reason = masker.mask(str(error))
+            if isinstance(error, OSError):
+                reason = masker.mask(describe_os_error(error))
+            else:
+                reason = masker.mask(str(error))
             record.status = RunStatus.FAILED
             record.reason = reason
             run_log.write(Stream.ERR, [f"runvisor: {reason}"], time.time())
