@@ -670,7 +670,10 @@ class ProjectRunner:
                 record.reason,
             )
             self._publish_completed(record)
-        await self._prune()
+        # Pruning may wait for another process's lock on the database, so
+        # it must not hold up what follows the run (a restart, a queued run).
+        assert self._nursery is not None
+        self._nursery.start_soon(self._prune)
         return record
 
     async def _wait_run(

@@ -9,8 +9,9 @@ Two layers:
 - `Store` is the daemon's asynchronous facade. Writers call `put_run` and
   `put_event`, which only append to an in-memory queue. One writer task
   drains that queue in batches, one transaction per batch, on its own
-  connection. Reads and maintenance go through a second connection, so a
-  slow batch never holds up `history`.
+  connection, which maintenance writes (prune, marking runs lost) share.
+  Reads go through a second connection, so neither a slow batch nor a write
+  that waits for another process's lock holds up `history`.
 
 The file uses WAL, so readers do not wait for the writer, with
 `synchronous=NORMAL` and a busy timeout so that a second process (the CLI
@@ -608,11 +609,31 @@ class Store:
         return await self._read(self._reader.last_runs)
 
     async def mark_lost(self, now: datetime) -> list[RunRecord]:
-        return await trio.to_thread.run_sync(self._reader.mark_lost, now)
+        return await trio.to_thread.run_sync(self._db.mark_lost, now)
 
     async def prune(self, project: str, keep: int) -> list[int]:
-        """Prune committed runs, as `Database.prune`. Queued rows are not seen."""
-        return await trio.to_thread.run_sync(self._reader.prune, project, keep)
+        """Prune committed runs, as `Database.prune`. Queued rows are not seen.
+
+        Pruning is maintenance: when the database is locked by another
+        process or cannot be written, nothing is deleted, the failure is
+        logged once per kind of error, and the next prune tries again. It
+        writes on the writer's connection, so a prune that waits for a lock
+        never holds up reads.
+        """
+        try:
+            return await trio.to_thread.run_sync(self._db.prune, project, keep)
+        except (sqlite3.Error, OSError) as exc:
+            kind = f"prune {type(exc).__name__}: {exc}"
+            if kind not in self._failure_kinds:
+                self._failure_kinds.add(kind)
+                logger.warning(
+                    "Cannot prune the history of %s in %s, so old runs stay "
+                    "until the next prune: %s",
+                    project,
+                    self._db.path,
+                    exc,
+                )
+            return []
 
     def close(self) -> None:
         """Close both connections. Rows still queued are not written."""
