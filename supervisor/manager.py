@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from supervisor.config import Config, ConfigDiff, ProjectConfig, diff_configs
-from supervisor.errors import UnknownProject
+from supervisor.errors import RunvisorError, UnknownProject
 from supervisor.model import ProjectState, ProjectStatus, TriggerMode
 from supervisor.runner import ProjectRunner, RuntimeContext, TriggerResult
 
@@ -64,16 +64,30 @@ class Manager:
         return [hosted.runner.status() for hosted in self._projects.values()]
 
     def trigger(self, name: str) -> TriggerResult:
-        return self.runner(name).trigger()
+        return self._working_runner(name).trigger()
 
     def start(self, name: str) -> TriggerResult:
-        return self.runner(name).start()
+        return self._working_runner(name).start()
 
     async def stop(self, name: str) -> None:
         await self.runner(name).stop()
 
     async def restart(self, name: str) -> TriggerResult:
-        return await self.runner(name).restart()
+        return await self._working_runner(name).restart()
+
+    def _working_runner(self, name: str) -> ProjectRunner:
+        """Return the runner of `name`, which must still be running.
+
+        Raises RunvisorError when it ended with an internal error: it can
+        start nothing any more, and the daemon log holds the traceback.
+        """
+        runner = self.runner(name)
+        if self._projects[name].done.is_set():
+            raise RunvisorError(
+                f"Project {name!r} cannot start runs: {runner.reason}. "
+                "Restart the daemon to run it again."
+            )
+        return runner
 
     async def shutdown(self) -> None:
         """Stop every project, in parallel, and wait until all runs are over."""
