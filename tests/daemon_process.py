@@ -8,12 +8,15 @@ control socket, exactly as a user's commands would find it.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from supervisor.control import Client
 from supervisor.errors import DaemonNotRunning
@@ -120,3 +123,43 @@ def wait_until(condition, timeout: float = 10.0, interval: float = 0.02):  # typ
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+class LineReader:
+    """Lines of a child's pipe, read by a thread, so a test can wait for
+    the next one with a timeout instead of hanging."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put("")  # the end of the output
+
+    def next(self, timeout: float = 10.0) -> str:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output line within {timeout} s") from None
+        if not line:
+            raise AssertionError("the command closed its output")
+        return line
+
+    def ready(self, timeout: float) -> bool:
+        """Wait until a line is waiting, for at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._lines.empty():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        """Close the pipe once the thread has read it to the end. Call it
+        after the child exited."""
+        self._thread.join(5)
+        self._stream.close()

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +33,7 @@ from supervisor.model import (
 )
 from supervisor.render import Style, render_status
 
-from .daemon_process import DaemonProcess, runvisor_argv, wait_until
+from .daemon_process import DaemonProcess, LineReader, runvisor_argv, wait_until
 from .helpers import marked_pids, wait_until_gone, write_script
 
 SECRET = "s3cr3t-literal-value"
@@ -334,20 +335,21 @@ def test_logs_follow_across_restarts(daemon: DaemonProcess) -> None:
     wait_until(lambda: marked_pids("e2e-cli-ticker"))
     follower = daemon.popen("logs", "ticker", "-f")
     assert follower.stdout is not None
+    lines = LineReader(follower.stdout)
     seen: list[str] = []
     try:
         while not any("tick" in line for line in seen):
-            seen.append(follower.stdout.readline())
+            seen.append(lines.next())
         assert daemon.cli("restart", "ticker").returncode == 0
         while not any("started (manual)" in line for line in seen):
-            seen.append(follower.stdout.readline())
+            seen.append(lines.next())
         after_restart = len(seen)
         while not any("tick 0" in line for line in seen[after_restart:]):
-            seen.append(follower.stdout.readline())
+            seen.append(lines.next())
     finally:
         follower.send_signal(signal.SIGINT)
         code = follower.wait(5)
-        follower.stdout.close()
+        lines.close()
         assert follower.stderr is not None
         follower.stderr.close()
     assert code == 130
@@ -356,20 +358,41 @@ def test_logs_follow_across_restarts(daemon: DaemonProcess) -> None:
     assert "started (manual)" in markers[1]
 
 
+def trigger_once_subscribed(daemon: DaemonProcess, output: LineReader) -> int:
+    """Trigger `hello` until the listener prints something, which proves
+    its subscription is live, then trigger it once more; return that run's
+    id."""
+    deadline = time.monotonic() + 10
+    while True:
+        assert daemon.cli("trigger", "hello").returncode == 0
+        if output.ready(0.5):
+            break
+        assert time.monotonic() < deadline, "the listener printed nothing"
+    result = daemon.cli("trigger", "hello")
+    assert result.returncode == 0
+    return int(result.stdout.split()[2])
+
+
 def test_events_stream(daemon: DaemonProcess) -> None:
     listener = daemon.popen("events", "hello", "--json")
     assert listener.stdout is not None
+    output = LineReader(listener.stdout)
     try:
-        # The first event proves the subscription is live; a trigger makes
-        # the rest.
-        wait_until(lambda: daemon.cli("trigger", "hello").returncode == 0)
-        events = []
-        while not events or events[-1]["type"] != "completed":
-            events.append(json.loads(listener.stdout.readline()))
+        run_id = trigger_once_subscribed(daemon, output)
+        events: list[dict] = []  # type: ignore[type-arg]
+        while not (
+            events
+            and events[-1]["type"] == "completed"
+            and events[-1]["run_id"] == run_id
+        ):
+            event = json.loads(output.next())
+            of_run = event.get("run_id") == run_id
+            if of_run or f"run {run_id} " in event.get("reason", ""):
+                events.append(event)
     finally:
         listener.send_signal(signal.SIGINT)
         code = listener.wait(5)
-        listener.stdout.close()
+        output.close()
         assert listener.stderr is not None
         listener.stderr.close()
     assert code == 130
@@ -385,15 +408,16 @@ def test_events_stream(daemon: DaemonProcess) -> None:
 def test_events_text_lines(daemon: DaemonProcess) -> None:
     listener = daemon.popen("events", "hello", "--no-logs")
     assert listener.stdout is not None
+    output = LineReader(listener.stdout)
     try:
-        assert daemon.cli("trigger", "hello").returncode == 0
-        lines = []
-        while not lines or " completed " not in lines[-1]:
-            lines.append(listener.stdout.readline())
+        run_id = trigger_once_subscribed(daemon, output)
+        lines: list[str] = []
+        while not lines or f" completed hello run {run_id} " not in lines[-1]:
+            lines.append(output.next())
     finally:
         listener.send_signal(signal.SIGINT)
         listener.wait(5)
-        listener.stdout.close()
+        output.close()
         assert listener.stderr is not None
         listener.stderr.close()
     kinds = [line.split()[1] for line in lines]
