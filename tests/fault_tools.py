@@ -1,7 +1,7 @@
 """Tools shared by the fault tests (`test_faults_*.py`).
 
 The fault tests run `runvisor serve` as a real process where a real process
-matters (kill -9, memory, file descriptor limits, users), and read what it
+matters: kill -9, memory, file descriptor limits, users. They read what it
 leaves behind: the database, the log files, and the processes that carry
 the run markers in their environment.
 
@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from supervisor.control import Client
+from supervisor.protocol import StatusReply, StatusRequest
+
 T = TypeVar("T")
+
+# The maximum wait for a `status` reply that the fault tests accept.
+STATUS_LIMIT_SECONDS = 1.0
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -282,3 +289,62 @@ def duplicate_fire_times(db_path: Path) -> list[Any]:
         " WHERE fire_time IS NOT NULL AND status != 'skipped'"
         " GROUP BY project, fire_time HAVING count(*) > 1",
     )
+
+
+# -- the control socket -----------------------------------------------------------
+
+
+@dataclass
+class Monitor:
+    """A thread that requests status and samples RSS until stopped."""
+
+    socket: Path
+    pid: int
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    last: StatusReply | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                with Client.connect(
+                    self.socket, timeout=STATUS_LIMIT_SECONDS
+                ) as client:
+                    reply = client.request(
+                        StatusRequest(), timeout=STATUS_LIMIT_SECONDS
+                    )
+                assert isinstance(reply, StatusReply)
+                self.last = reply
+            except Exception as error:
+                self.failures.append(f"{type(error).__name__}: {error}")
+            self.latencies.append(time.monotonic() - started)
+            try:
+                self.rss.append(rss_kib(self.pid))
+            except OSError as error:
+                self.failures.append(f"cannot read the RSS: {error}")
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> Monitor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def check(self) -> None:
+        """Assert that every status request got its reply in time."""
+        assert self.failures == [], self.failures
+        assert max(self.latencies) < STATUS_LIMIT_SECONDS, sorted(self.latencies)[-5:]

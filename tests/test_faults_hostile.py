@@ -14,24 +14,18 @@ RUNVISOR_FAULT_GRANDCHILDREN the number of grandchildren (default 100).
 
 from __future__ import annotations
 
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from supervisor.control import Client
 from supervisor.logs import MAX_LINE_BYTES, read_run_log, run_log_path
-from supervisor.protocol import (
-    ActionReply,
-    StatusReply,
-    StatusRequest,
-    StopRequest,
-    TriggerRequest,
-)
+from supervisor.protocol import ActionReply, StopRequest, TriggerRequest
 
 from .fault_tools import (
+    STATUS_LIMIT_SECONDS,
+    Monitor,
     daemon_process,
     fault_count,
     query,
@@ -46,7 +40,6 @@ from .helpers import write_script
 LINE_MB = fault_count("RUNVISOR_FAULT_LINE_MB", 50)
 GRANDCHILDREN = fault_count("RUNVISOR_FAULT_GRANDCHILDREN", 100)
 NOISE_MB = 20
-STATUS_LIMIT_SECONDS = 1.0
 # The daemon may grow by this much over its idle size, whatever the size of
 # the line: far below a line that it would hold whole.
 RSS_GROWTH_LIMIT_KIB = 40 * 1024
@@ -101,45 +94,6 @@ HOSTILE = {
         exit 0
         """,
 }
-
-
-@dataclass
-class Monitor:
-    """A thread that requests status and samples RSS until stopped."""
-
-    socket: Path
-    pid: int
-    latencies: list[float] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    rss: list[int] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                with Client.connect(
-                    self.socket, timeout=STATUS_LIMIT_SECONDS
-                ) as client:
-                    reply = client.request(
-                        StatusRequest(), timeout=STATUS_LIMIT_SECONDS
-                    )
-                assert isinstance(reply, StatusReply)
-            except Exception as error:
-                self.failures.append(f"{type(error).__name__}: {error}")
-            self.latencies.append(time.monotonic() - started)
-            self.rss.append(rss_kib(self.pid))
-            self._stop.wait(0.05)
 
 
 def request(socket: Path, message: TriggerRequest | StopRequest) -> ActionReply:
