@@ -120,6 +120,9 @@ class ShellCompleter(Completer):
                 for action in parser._actions
                 for option in action.option_strings
             ]
+        option = _option_awaiting_value(parser, rest)
+        if option is not None:
+            return [(str(choice), "") for choice in (option.choices or [])]
         action = _positional_at(parser, rest)
         if action is None:
             return []
@@ -223,6 +226,19 @@ class ShellCompleter(Completer):
             for field in fields
             if field.name not in ("name", "env")
         ] + ([(f"{head}.env.", "")] if first not in ("runvisor",) else [])
+
+
+def _option_awaiting_value(
+    parser: argparse.ArgumentParser, words: list[str]
+) -> argparse.Action | None:
+    """Return the option whose value the next word is, if the last word is
+    an option that takes one (such as `--status`)."""
+    if not words:
+        return None
+    for action in parser._actions:
+        if words[-1] in action.option_strings and action.nargs != 0:
+            return action
+    return None
 
 
 def _positional_at(

@@ -16,13 +16,17 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pexpect
 import pyte
 import pytest
 
+from supervisor.cli import build_parser
 from supervisor.control import Client
+from supervisor.repl_completion import ShellCompleter
+from supervisor.store import Database
 
 from .daemon_process import DaemonProcess, runvisor_argv, wait_until
 from .helpers import marked_pids, wait_until_gone, write_script
@@ -440,3 +444,67 @@ def test_detached_daemon_writes_no_escape_codes(stopped: DaemonProcess) -> None:
     assert b"\x1b" not in output
     assert b"terminal" not in output
     assert b"spawned: project=hello" in output
+
+
+# Completion candidates, without a terminal
+
+
+def completer_for(daemon: DaemonProcess) -> ShellCompleter:
+    return ShellCompleter(build_parser(), daemon.socket, daemon.config)
+
+
+def values(pairs: list[tuple[str, str]]) -> list[str]:
+    return [value for value, _ in pairs]
+
+
+def test_completer_commands_and_options(stopped: DaemonProcess) -> None:
+    completer = completer_for(stopped)
+    commands = values(completer.candidates([], ""))
+    assert "status" in commands
+    assert "watch" in commands
+    assert "serve" not in commands
+    assert values(completer.candidates(["config"], "")) == ["check", "show", "set"]
+    assert "--since" in values(completer.candidates(["history"], "--"))
+    assert values(completer.candidates(["history", "--status"], "")) == [
+        "running",
+        "succeeded",
+        "failed",
+        "stopped",
+        "timed_out",
+        "skipped",
+        "lost",
+    ]
+    assert values(completer.candidates(["watch"], "")) == ["on", "off"]
+
+
+def test_completer_asks_the_daemon(daemon: DaemonProcess) -> None:
+    completer = completer_for(daemon)
+    assert values(completer.candidates(["stop"], "")) == ["hello", "ticker"]
+    assert values(completer.candidates(["events", "hello"], "")) == ["hello", "ticker"]
+    assert values(completer.candidates(["logs", "ticker"], "")) != []
+    assert values(completer.candidates(["logs", "ticker", "1"], "")) == []
+    keys = values(completer.candidates(["config", "set"], "ticker.backoff.i"))
+    assert "ticker.backoff.initial" in keys
+    keys = values(completer.candidates(["config", "set"], "runvisor.l"))
+    assert "runvisor.log_level" in keys
+
+
+def test_completer_without_daemon_offers_no_projects(stopped: DaemonProcess) -> None:
+    completer = completer_for(stopped)
+    assert completer.candidates(["stop"], "") == []
+
+
+def test_completer_offers_credential_nicknames(stopped: DaemonProcess) -> None:
+    stopped.data_dir.mkdir(mode=0o700)
+    database = Database.open(stopped.data_dir / "runvisor.db")
+    try:
+        database.add_credential("notion-key", "Notion API", datetime.now(UTC))
+        database.add_credential("smtp", "", datetime.now(UTC))
+    finally:
+        database.close()
+    completer = completer_for(stopped)
+    assert values(completer.candidates(["creds", "get"], "")) == ["notion-key", "smtp"]
+    assert values(completer.candidates(["creds", "delete"], "")) == [
+        "notion-key",
+        "smtp",
+    ]
