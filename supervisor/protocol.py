@@ -298,13 +298,19 @@ def decode_payload(payload: bytes) -> Message:
         raise ProtocolError(_describe_invalid(payload, error)) from None
     except msgspec.DecodeError as error:
         raise ProtocolError(f"The message is not valid MessagePack: {error}") from None
+    except RecursionError:
+        # msgspec decodes nested arrays and maps recursively.
+        raise ProtocolError(
+            "The message is nested too deeply to decode, so it is not a "
+            "runvisor message."
+        ) from None
     return message
 
 
 def _describe_invalid(payload: bytes, error: msgspec.ValidationError) -> str:
     try:
         raw = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:  # pragma: no cover - typed decoding passed this
+    except (msgspec.DecodeError, RecursionError):
         raw = None
     tag = raw.get("type") if isinstance(raw, dict) else None
     known = {info.tag for info in _message_types()}
