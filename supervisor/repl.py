@@ -156,6 +156,8 @@ class Shell:
         self._loop_scope = trio.CancelScope()
         self._loop_cancel_code = EXIT_OK
         self._daemon_done = trio.Event()
+        self._leaving = False
+        self._watch_scope = trio.CancelScope()
 
     # -- entry --------------------------------------------------------------
 
@@ -195,7 +197,7 @@ class Shell:
             # Opened after the daemon's own receiver, so SIGINT comes here.
             with trio.open_signal_receiver(signal.SIGINT) as signals:
                 nursery.start_soon(self._watch_sigint, signals)
-                nursery.start_soon(self._watch_events)
+                nursery.start_soon(self._watch_events_until_leaving)
                 if self.interactive:
                     self._session = self._new_session()
                     print(
@@ -208,9 +210,12 @@ class Shell:
                 if self._loop_scope.cancelled_caught:
                     code = self._loop_cancel_code
 
+            self._leaving = True
+            self._watch_scope.cancel()
             if self.daemon is not None and not self._daemon_done.is_set():
-                print("Stopping the daemon and every project.")
-                self.daemon.request_shutdown()
+                if not self.daemon.shutting_down:
+                    print("Stopping the daemon and every project.")
+                    self.daemon.request_shutdown()
                 await self._daemon_done.wait()
             nursery.cancel_scope.cancel()
         return code
@@ -221,7 +226,7 @@ class Shell:
             await self.daemon.serve(task_status=task_status)
         finally:
             self._daemon_done.set()
-        if not self._loop_scope.cancel_called:
+        if not self._leaving:
             # The daemon stopped by itself (the shutdown command, SIGTERM),
             # so the shell ends too.
             print("The daemon has stopped.")
@@ -414,6 +419,10 @@ class Shell:
 
     # -- live events --------------------------------------------------------
 
+    async def _watch_events_until_leaving(self) -> None:
+        with self._watch_scope:
+            await self._watch_events()
+
     async def _watch_events(self) -> None:
         """Keep an event subscription open, print what it brings, and
         reconnect when the daemon goes away."""
@@ -435,6 +444,8 @@ class Shell:
                     await self._receive_events(on_subscribed)
                 except (OSError, ControlError, trio.BrokenResourceError) as error:
                     self.connected = False
+                    if self.daemon is not None and self.daemon.shutting_down:
+                        return  # `up` is stopping its own daemon
                     if not lost_reported:
                         print(
                             f"Lost the connection to the daemon ({error}); "
