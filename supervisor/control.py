@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,24 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def _connect_within(sock: socket.socket, path: Path, timeout: float) -> None:
+    """Connect, retrying while the daemon's listen backlog is full.
+
+    A Unix socket with a timeout is non-blocking inside, and such a connect
+    to a full backlog fails at once with EAGAIN instead of waiting, so it is
+    retried until `timeout`. Raises TimeoutError after that.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(os.fspath(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError from None
+            time.sleep(0.01)
+
+
 def no_daemon_message(path: Path | str) -> str:
     return (
         f"No runvisor daemon is listening on {path}. Start one with "
@@ -154,7 +173,7 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout)
-            sock.connect(os.fspath(path))
+            _connect_within(sock, path, timeout)
             _, uid, _ = peer_credentials(sock)
             if uid != os.getuid():
                 raise ControlError(
