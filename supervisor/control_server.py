@@ -13,6 +13,7 @@ never slows a run.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import struct
@@ -31,6 +32,7 @@ from supervisor.model import (
     CompletedEvent,
     Event,
     LogEvent,
+    RunRecord,
     StartedEvent,
     TriggerMode,
 )
@@ -82,6 +84,8 @@ FOLLOW_TAIL = 10
 """Stored lines sent before live ones by `logs -f` without `--tail`."""
 LINES_PER_FRAME_BYTES = 1024 * 1024
 """Text bytes of stored log lines per frame, far below the frame limit."""
+STORED_RUNS_SECONDS = 1.0
+"""How long `status` reuses the last runs it read from the store."""
 
 _REQUEST_TYPES = typing.get_args(Request)
 _PEERCRED = struct.Struct("3i")
@@ -135,6 +139,8 @@ class ControlServer:
     def __init__(self, daemon: Daemon, *, allowed_uid: int | None = None) -> None:
         self.daemon = daemon
         self.allowed_uid = os.geteuid() if allowed_uid is None else allowed_uid
+        self._stored_last_runs: dict[str, RunRecord] = {}
+        self._stored_last_runs_at = -math.inf
 
     async def serve(
         self,
@@ -270,11 +276,16 @@ class ControlServer:
         assert daemon.manager is not None and daemon.store is not None
         projects = daemon.manager.status(name)
         if any(project.last_run is None for project in projects):
-            # Runs of an earlier daemon are known only to the store.
-            last_runs = await daemon.store.last_runs()
+            # Runs of an earlier daemon are known only to the store. They
+            # change rarely (a skipped fire), so one read serves the status
+            # requests of the next second, which keeps status polling cheap.
+            now = trio.current_time()
+            if now - self._stored_last_runs_at > STORED_RUNS_SECONDS:
+                self._stored_last_runs = await daemon.store.last_runs()
+                self._stored_last_runs_at = now
             for project in projects:
                 if project.last_run is None:
-                    project.last_run = last_runs.get(project.name)
+                    project.last_run = self._stored_last_runs.get(project.name)
         last = daemon.last_reload
         return StatusReply(
             projects=projects,
