@@ -63,7 +63,12 @@ class ReloadOutcome:
 
 
 def notify_systemd(state: str) -> None:
-    """Send a state line such as READY=1 to systemd's notify socket, if any."""
+    """Send a state line such as READY=1 to systemd's notify socket, if any.
+
+    The send never blocks: it runs on trio's thread, and a receiver whose
+    queue is full (about ten unread messages) would otherwise freeze the
+    whole daemon. Such a message is dropped with a warning.
+    """
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
@@ -73,7 +78,7 @@ def notify_systemd(state: str) -> None:
         with socket.socket(
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
         ) as sock:
-            sock.sendto(state.encode(), address)
+            sock.sendto(state.encode(), socket.MSG_DONTWAIT, address)
     except OSError as error:
         logger.warning("cannot notify systemd at %s: %s", address, error)
 

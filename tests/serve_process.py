@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,53 +38,95 @@ class Notification:
 
 
 class NotifyListener:
-    """A datagram socket that receives sd_notify messages like systemd does,
-    with the sender's pid (SO_PASSCRED)."""
+    """A datagram socket that receives sd_notify messages, with the sender's
+    pid (SO_PASSCRED).
 
-    def __init__(self, path: Path) -> None:
+    Like systemd, it reads every message as it arrives, in a thread, unless
+    `reading` is false: then it reads only inside `wait_for`, and a sender
+    meets a full queue after about ten unread messages (the kernel's
+    net.unix.max_dgram_qlen).
+    """
+
+    def __init__(self, path: Path, *, reading: bool = True) -> None:
         self.path = path
         self.received: list[Notification] = []
+        self._waited = 0
+        self._changed = threading.Condition()
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._socket.bind(str(path))
+        self._stopping = threading.Event()
+        self._reader: threading.Thread | None = None
+        if reading:
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
 
     def close(self) -> None:
+        self._stop_reading()
         self._socket.close()
 
-    def receive(self, timeout: float) -> Notification | None:
+    def _read(self) -> None:
+        while not self._stopping.is_set():
+            self._receive(0.05)
+
+    def _stop_reading(self) -> None:
+        if self._reader is not None:
+            self._stopping.set()
+            self._reader.join()
+            self._reader = None
+
+    def _receive(self, timeout: float) -> None:
         self._socket.settimeout(timeout)
         try:
             data, ancillary, _, _ = self._socket.recvmsg(
                 4096, socket.CMSG_SPACE(struct.calcsize("3i"))
             )
         except TimeoutError:
-            return None
+            return
         pid = 0
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 pid, _, _ = struct.unpack("3i", payload)
-        notification = Notification(data.decode(), pid)
-        self.received.append(notification)
-        return notification
+        with self._changed:
+            self.received.append(Notification(data.decode(), pid))
+            self._changed.notify_all()
 
     def wait_for(self, line: str, timeout: float) -> Notification | None:
-        """Receive until a notification contains `line`, or return None once
-        `timeout` seconds have passed."""
+        """Return the next notification that contains `line`, or None once
+        `timeout` seconds have passed.
+
+        Each call starts after the notification that the previous call
+        returned.
+        """
         deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            notification = self.receive(remaining)
-            if notification is not None and line in notification.lines:
-                return notification
-        return None
+        while True:
+            with self._changed:
+                for index in range(self._waited, len(self.received)):
+                    if line in self.received[index].lines:
+                        self._waited = index + 1
+                        return self.received[index]
+                self._waited = len(self.received)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if self._reader is not None:
+                    self._changed.wait(remaining)
+                    continue
+            self._receive(remaining)
 
     def drain(self) -> None:
-        """Receive what is already queued, without waiting."""
-        while self.receive(0.01) is not None:
-            pass
+        """Stop the reading thread, then read what is still queued."""
+        self._stop_reading()
+        while True:
+            count = len(self.received)
+            self._receive(0.01)
+            if len(self.received) == count:
+                return
 
     def states(self) -> list[str]:
         """Every line received so far, in order."""
-        return [line for item in self.received for line in item.lines]
+        with self._changed:
+            return [line for item in self.received for line in item.lines]
 
 
 class ServeProcess:
@@ -95,9 +138,11 @@ class ServeProcess:
         config: Path,
         folder: Path,
         env: Mapping[str, str],
+        *,
+        read_notifications: bool = True,
     ) -> None:
         self.log_path = folder / "daemon.log"
-        self.notify = NotifyListener(folder / "notify.sock")
+        self.notify = NotifyListener(folder / "notify.sock", reading=read_notifications)
         environment = {**env, "NOTIFY_SOCKET": str(self.notify.path)}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -118,6 +163,7 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self) -> Notification:
+        """Wait for the first READY=1 and return it."""
         ready = self.notify.wait_for("READY=1", START_TIMEOUT)
         assert ready is not None, (
             f"no READY=1 within {START_TIMEOUT:g} s:\n{self.log()}"

@@ -22,7 +22,7 @@ import pytest
 from supervisor.credential_file import SYSTEMD_KEY_NAME
 
 from .helpers import write_script
-from .serve_process import config_text, fresh_environment, serving
+from .serve_process import ServeProcess, config_text, fresh_environment, serving
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 PACKAGING = REPOSITORY / "packaging"
@@ -259,7 +259,7 @@ def test_notify_states_in_order(runvisor_command: list[str], tmp_path: Path) -> 
         # READY=1 only once the control socket accepts connections.
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.connect(str(tmp_path / "control.sock"))
-        ready = daemon.notify.received[-1]
+        ready = daemon.notify.received[0]
         ready_parent = parent_pid(ready.pid)
 
         daemon.send(signal.SIGHUP)
@@ -288,6 +288,39 @@ def test_notify_states_in_order(runvisor_command: list[str], tmp_path: Path) -> 
         assert ready_parent == daemon.pid
     else:
         assert ready.pid == daemon.pid
+
+
+def test_full_notify_queue_never_blocks(
+    runvisor_command: list[str], tmp_path: Path
+) -> None:
+    # A notify socket that nobody reads after READY=1 fills its queue after
+    # about ten messages, five reloads here. Later notifications are dropped
+    # and the daemon keeps serving.
+    env = fresh_environment(tmp_path)
+    config = tmp_path / "runvisor.toml"
+    config.write_text(config_text(tmp_path, ""))
+    daemon = ServeProcess(
+        runvisor_command, config, tmp_path, env, read_notifications=False
+    )
+    try:
+        daemon.wait_ready()
+        for _ in range(8):
+            reload = subprocess.run(
+                [*runvisor_command, "--config", str(config), "reload"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=20,
+                check=False,
+            )
+            assert reload.returncode == 0, reload.stdout + reload.stderr
+        daemon.send(signal.SIGTERM)
+        code = daemon.wait_exit()
+    finally:
+        daemon.close()
+
+    assert code == 0, daemon.log()
+    assert "cannot notify systemd" in daemon.log()
 
 
 def parent_pid(pid: int) -> int | None:
