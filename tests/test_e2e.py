@@ -49,12 +49,7 @@ class Example:
         shutil.copytree(REPOSITORY / "examples", root / "examples")
         text = (REPOSITORY / "config.example.toml").read_text()
         self.config = root / "runvisor.toml"
-        self.config.write_text(
-            text.replace("8787", str(self.port)).replace(
-                '# socket = "/run/user/1000/runvisor/control.sock"',
-                f'socket = "{root / "control.sock"}"',
-            )
-        )
+        self.config.write_text(text.replace("8787", str(self.port)))
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_log = root / "daemon.log"
 
