@@ -52,16 +52,20 @@ root="${root%/}"
 
 say() { echo "install.sh: $*"; }
 
-# Copy $1 to $2 with mode $3 unless $2 already has the same content.
+# Copy $1 to $2 with mode $3 unless $2 already has the same content, and
+# set $change to installed, updated or unchanged.
+change=unchanged
 put_file() {
   local source="$1" target="$2" mode="$3"
   if [ -f "$target" ] && cmp -s "$source" "$target"; then
     chmod "$mode" "$target"
+    change=unchanged
     say "unchanged $target"
     return
   fi
   local verb=installed
   [ -e "$target" ] && verb=updated
+  change=$verb
   mkdir -p "$(dirname "$target")"
   install -m "$mode" "$source" "$target.new"
   mv -f "$target.new" "$target"
@@ -90,6 +94,7 @@ gid="$(awk -F: '$1 == "runvisor" { print $3 }' "$root/etc/group")"
 
 # 2. The executable.
 put_file "$binary" "$root$prefix/bin/runvisor" 0755
+binary_change=$change
 
 # 3. The unit, pointing at the executable under the prefix.
 unit="$(mktemp)"
@@ -120,6 +125,9 @@ fi
 if [ -z "$root" ] && [ -d /run/systemd/system ]; then
   systemctl daemon-reload
   say "reloaded systemd; start the service with: systemctl enable --now runvisor"
+  if [ "$binary_change" = updated ] && systemctl --quiet is-active runvisor; then
+    say "the service still runs the previous executable: systemctl restart runvisor"
+  fi
 else
   say "done; on the target system run: systemctl enable --now runvisor"
 fi
