@@ -59,6 +59,19 @@ PIPE_DRAIN_SECONDS = 0.5
 # "Run-time information"); children get that value back, or none at all.
 FROZEN_LOADER_VARIABLES = ("LD_LIBRARY_PATH", "LIBPATH", "DYLD_LIBRARY_PATH")
 
+# Variables through which systemd talks to the daemon. A run that inherited
+# NOTIFY_SOCKET could send READY=1 or MAINPID= as if it were runvisor, which
+# the unit allows (NotifyAccess=all) because the single executable's
+# bootloader and its Python child are two processes.
+DAEMON_ONLY_VARIABLES = (
+    "NOTIFY_SOCKET",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+)
+
 OutputCallback = Callable[[Stream, list[str], float], None]
 
 DATA_DIR_VARIABLE = "RUNVISOR_DATA_DIR"
@@ -116,9 +129,11 @@ def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
 
     In a frozen executable the loader variables are restored to the values
     the user had before the bootloader changed them, and removed when the
-    user had none.
+    user had none. The variables systemd gives the daemon itself are removed.
     """
     env = dict(os.environ)
+    for name in DAEMON_ONLY_VARIABLES:
+        env.pop(name, None)
     if getattr(sys, "frozen", False):
         for name in FROZEN_LOADER_VARIABLES:
             original = env.pop(f"{name}_ORIG", None)

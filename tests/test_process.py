@@ -216,3 +216,14 @@ async def test_find_run_processes_by_environment(tmp_path: Path) -> None:
         await process.end_processes([child.pid], timeout=1.0)
         status = await child.wait()
     assert status.signal == signal.SIGTERM
+
+
+def test_children_do_not_inherit_systemd_notify_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    env = process.child_environment({})
+    assert "NOTIFY_SOCKET" not in env
+    assert "WATCHDOG_USEC" not in env
+    assert env["PATH"] == os.environ["PATH"]
