@@ -5,14 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from trio.testing import MockClock
 
-from .helpers import marked_pids
+from .helpers import marked_pids, runvisor_argv
 
 # Prefixes of marker names (exec -a) used by the tests; anything left alive
 # after a test is a leak that the test itself should have prevented.
@@ -34,10 +32,7 @@ def runvisor_command() -> list[str]:
     """The command that runs runvisor in end-to-end tests: the single
     executable named by RUNVISOR_BINARY (`make test-frozen` sets it), or the
     source tree with this Python."""
-    binary = os.environ.get("RUNVISOR_BINARY")
-    if binary:
-        return [str(Path(binary).resolve())]
-    return [sys.executable, "-m", "supervisor"]
+    return runvisor_argv()
 
 
 @pytest.fixture

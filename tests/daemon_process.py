@@ -11,7 +11,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,12 +20,10 @@ from typing import IO
 from supervisor.control import Client
 from supervisor.errors import DaemonNotRunning
 
+from .helpers import runvisor_argv
+
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
-
-
-def runvisor_argv() -> list[str]:
-    return [sys.executable, "-m", "supervisor"]
 
 
 class DaemonProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -58,3 +59,13 @@ def wait_until_gone(prefix: str, timeout: float) -> list[int]:
         if not pids or time.monotonic() > deadline:
             return pids
         time.sleep(0.05)
+
+
+def runvisor_argv() -> list[str]:
+    """The command that runs runvisor in end-to-end tests: the single
+    executable named by RUNVISOR_BINARY (`make test-frozen` sets it), or the
+    source tree with this Python."""
+    binary = os.environ.get("RUNVISOR_BINARY")
+    if binary:
+        return [str(Path(binary).resolve())]
+    return [sys.executable, "-m", "supervisor"]

@@ -36,6 +36,9 @@ from supervisor.render import Style, render_status
 from .daemon_process import DaemonProcess, LineReader, runvisor_argv, wait_until
 from .helpers import marked_pids, wait_until_gone, write_script
 
+# The daemon runs as the single executable under `make test-frozen`.
+pytestmark = pytest.mark.frozen
+
 SECRET = "s3cr3t-literal-value"
 
 PROJECTS = """

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,15 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import runvisor_argv
+
+pytestmark = pytest.mark.frozen
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 15.0
-
-
-def runvisor_argv() -> list[str]:
-    binary = os.environ.get("RUNVISOR_BINARY")
-    if binary:
-        return [str(Path(binary).resolve())]
-    return [sys.executable, "-m", "supervisor"]
 
 
 def free_port() -> int:
