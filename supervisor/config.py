@@ -86,12 +86,19 @@ _MAX_SOCKET_PATH_BYTES = 107
 _SYNTAX_ERROR_LINE = re.compile(r"at line (\d+), column \d+")
 
 
+# Not platformdirs.site_config_dir, which follows $XDG_CONFIG_DIRS and
+# gives /etc/xdg/runvisor: the unit and the install script use /etc/runvisor.
+SYSTEM_CONFIG_DIR = Path("/etc/runvisor")
+
+
 def find_config_path(cli_value: str | None) -> Path:
     """Return the config file to use, as an absolute path.
 
     The order is `--config PATH`, then `$RUNVISOR_CONFIG`, then
     `./runvisor.toml` when it exists, then `runvisor.toml` in the user config
-    dir. The returned file may not exist.
+    dir, then the system one (`/etc/runvisor/runvisor.toml`, where the
+    install script puts the service's config) when only that one exists.
+    The returned file may not exist.
     """
     for chosen in (cli_value, os.environ.get(CONFIG_ENV_VARIABLE)):
         if chosen:
@@ -99,7 +106,11 @@ def find_config_path(cli_value: str | None) -> Path:
     local = Path(CONFIG_FILE_NAME)
     if local.is_file():
         return local.absolute()
-    return Path(platformdirs.user_config_dir("runvisor")) / CONFIG_FILE_NAME
+    user = Path(platformdirs.user_config_dir("runvisor")) / CONFIG_FILE_NAME
+    system = SYSTEM_CONFIG_DIR / CONFIG_FILE_NAME
+    if not user.is_file() and system.is_file():
+        return system
+    return user
 
 
 def load_config(path: Path) -> Config:

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor import config_checks, config_values
+from supervisor import config, config_checks, config_values
 from supervisor.config import (
     Backoff,
     Config,
@@ -469,9 +469,27 @@ def test_find_config_falls_back_to_user_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG_DIR", tmp_path / "etc-runvisor")
 
     expected = tmp_path / "xdg-config" / "runvisor" / "runvisor.toml"
     assert find_config_path(None) == expected
+
+
+def test_find_config_uses_system_file_when_user_has_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    system_dir = tmp_path / "etc-runvisor"
+    system_dir.mkdir()
+    (system_dir / "runvisor.toml").touch()
+    monkeypatch.setattr(config, "SYSTEM_CONFIG_DIR", system_dir)
+
+    assert find_config_path(None) == system_dir / "runvisor.toml"
+
+    user_file = tmp_path / "xdg-config" / "runvisor" / "runvisor.toml"
+    user_file.parent.mkdir(parents=True)
+    user_file.touch()
+    assert find_config_path(None) == user_file
 
 
 # Broken files
