@@ -11,6 +11,7 @@ Signals: SIGTERM and SIGINT stop every run (whole process groups) and exit
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -48,6 +49,7 @@ from supervisor.store import Store
 logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "runvisor.db"
+LOCK_NAME = "runvisor.lock"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,39 @@ def notify_systemd(state: str) -> None:
             sock.sendto(state.encode(), socket.MSG_DONTWAIT, address)
     except OSError as error:
         logger.warning("cannot notify systemd at %s: %s", address, error)
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir's lock file for the daemon's lifetime; return its fd.
+
+    Two daemons on one data dir would hand out the same run ids and end each
+    other's runs at start-up. The lock goes with the process, even on
+    SIGKILL.
+
+    Raises StoreError when another daemon holds it or it cannot be opened.
+    """
+    path = data_dir / LOCK_NAME
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as error:
+        raise StoreError(
+            f"Cannot open the lock file {path}: {error.strerror or error}. Set "
+            "[runvisor] data_dir to a writable folder."
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(
+            f"Another runvisor daemon (pid {holder}) is already using the data "
+            f"dir {data_dir}. Stop it, or set another [runvisor] data_dir for "
+            "this config."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Daemon:
@@ -133,16 +168,23 @@ class Daemon:
                 f"{error.strerror or error}. Set [runvisor] data_dir to a "
                 "writable folder."
             ) from None
-        # First of all: a second daemon for the same socket must stop here,
-        # before it marks the runs of the first one lost and ends them.
+        # First of all: a second daemon for the same socket or data dir must
+        # stop here, before it marks the runs of the first one lost and ends
+        # them.
         control = await trio.to_thread.run_sync(
             open_control_socket, Path(self.config.runvisor.socket)
         )
+        try:
+            data_lock = lock_data_dir(self.data_dir)
+        except BaseException:
+            control.close()
+            raise
         try:
             self._key_environment = take_key_environment()
             store = Store.open(self.data_dir / DATABASE_NAME)
         except BaseException:
             control.close()
+            os.close(data_lock)
             raise
         self.store = store
         self.started_at = datetime.now(UTC)
@@ -191,6 +233,7 @@ class Daemon:
         finally:
             store.close()
             control.close()
+            os.close(data_lock)
         logger.info("stopped")
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
