@@ -552,6 +552,10 @@ def reap_orphans_now() -> None:
     not run leaders. A child that a library started without a new session
     keeps the daemon's session and is left to its owner. While a spawn is in
     progress its leader is not known yet, so the pass waits for its end.
+
+    NOTE: a child that a library in the daemon starts in a new session (no
+    library used here does) would be reaped here, and its owner would read
+    exit code 0.
     """
     if _leaders.spawning:
         _leaders.reap_deferred = True
@@ -610,8 +614,10 @@ def find_processes(markers: Mapping[str, str]) -> list[int]:
     that called setsid keeps them, so the environment identifies them after
     they left the group or after a daemon crash. Only processes of the
     daemon's own user are readable, which are the only ones it may signal.
-    A process that replaced its environment (`env -i`, execve with a new
-    one) is not found.
+
+    NOTE: a process that left the group and replaced its environment
+    (`env -i`, an execve with a new one) is not found; under systemd the
+    unit's cgroup still ends it when the daemon stops.
     """
     wanted = {f"{name}={value}".encode() for name, value in markers.items()}
     if not wanted:
