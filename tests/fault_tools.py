@@ -76,7 +76,11 @@ def wait_until(
         time.sleep(interval)
 
 
-def write_config(root: Path, projects: str, *, data_dir: Path | None = None) -> Path:
+def write_config(
+    root: Path, projects: str, *, data_dir: Path | None = None, settings: str = ""
+) -> Path:
+    """Write a config whose data dir and control socket are under `root`;
+    `settings` adds lines to the [runvisor] table."""
     data = data_dir if data_dir is not None else root / "data"
     # The daemon accepts a control socket only in a folder of mode 0700.
     socket_dir = root / "control"
@@ -84,6 +88,7 @@ def write_config(root: Path, projects: str, *, data_dir: Path | None = None) -> 
     path = root / "runvisor.toml"
     path.write_text(
         f'[runvisor]\ndata_dir = "{data}"\nsocket = "{socket_dir / "control.sock"}"\n'
+        + textwrap.dedent(settings)
         + textwrap.dedent(projects)
     )
     return path

@@ -21,8 +21,10 @@ RUNVISOR_FAULT_SEED replays a given sequence of moments.
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,8 @@ CYCLES = fault_count("RUNVISOR_FAULT_CYCLES", 10)
 
 # Every run writes "<project> <run id>" here as its first act.
 EVIDENCE = 'echo "$RUNVISOR_PROJECT $RUNVISOR_RUN_ID" >> ../evidence.log'
+# Retention would delete the oldest runs, which the evidence names.
+KEEP_EVERY_RUN = "history_keep = 1000000\n"
 
 
 def write_projects(root: Path) -> None:
@@ -161,7 +165,11 @@ def evidence(root: Path) -> list[tuple[str, int]]:
 def test_kill9_at_random_moments_then_restart(tmp_path: Path) -> None:
     rng = fault_random("test_kill9_at_random_moments_then_restart")
     write_projects(tmp_path)
-    config = write_config(tmp_path, projects_config(tmp_path, variant=False))
+    config = write_config(
+        tmp_path,
+        projects_config(tmp_path, variant=False),
+        settings=KEEP_EVERY_RUN,
+    )
     db = tmp_path / "data" / "runvisor.db"
     variant = False
     actions: list[str] = []
@@ -176,7 +184,11 @@ def test_kill9_at_random_moments_then_restart(tmp_path: Path) -> None:
                 time.sleep(rng.uniform(0, 0.3))
             elif action == "reload":
                 variant = not variant
-                write_config(tmp_path, projects_config(tmp_path, variant=variant))
+                write_config(
+                    tmp_path,
+                    projects_config(tmp_path, variant=variant),
+                    settings=KEEP_EVERY_RUN,
+                )
                 daemon.signal(signal.SIGHUP)
                 time.sleep(rng.uniform(0, 1.5))
             elif action == "shutdown":
@@ -230,7 +242,7 @@ def test_kill9_at_random_moments_then_restart(tmp_path: Path) -> None:
                 )
 
         assert daemon.stop() == 0
-        print(f"{CYCLES} cycles: {actions}")
+        print(f"{CYCLES} cycles: {dict(Counter(actions))}")
         assert run_processes(daemon.tag) == []
 
     assert integrity(db) == "ok"
@@ -278,6 +290,7 @@ def test_kill9_never_runs_a_fire_time_twice(tmp_path: Path) -> None:
         overlap = "queue"
         catch_up = true
         """,
+        settings=KEEP_EVERY_RUN,
     )
     db = tmp_path / "data" / "runvisor.db"
     origin = time.time()
@@ -351,3 +364,37 @@ def test_restart_spares_runs_of_another_daemon(tmp_path: Path) -> None:
         ]
         assert crashing.stop() == 0
         assert other.stop() == 0
+
+
+def test_second_daemon_on_one_data_dir_is_rejected(tmp_path: Path) -> None:
+    # Two configs with their own sockets and one data dir: the second
+    # daemon would reuse run ids and end the first one's runs as lost.
+    write_script(tmp_path / "same", "exec -a fault-same sleep 1000")
+    projects = f"""
+    [projects.same]
+    trigger = "always_running"
+    path = "{tmp_path / "same"}"
+    """
+    first_root, second_root = tmp_path / "one", tmp_path / "two"
+    first_root.mkdir()
+    second_root.mkdir()
+    data = tmp_path / "data"
+    first = write_config(first_root, projects, data_dir=data)
+    second = write_config(second_root, projects, data_dir=data)
+    with daemon_process(first_root, first) as daemon:
+        daemon.start()
+        running = wait_until(lambda: run_processes(daemon.tag))
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor", "--config", str(second), "serve"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert [process.pid for process in running if is_alive(process.pid)] == [
+            process.pid for process in running
+        ]
+        assert daemon.stop() == 0
+    assert result.returncode == 1
+    assert f"pid {daemon.pid}" in result.stderr
+    assert str(data) in result.stderr
+    assert "Traceback" not in result.stderr
