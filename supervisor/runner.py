@@ -176,6 +176,7 @@ class ProjectRunner:
         self._schedule_scope: trio.CancelScope | None = None
         self._idle = trio.Event()
         self._idle.set()
+        self._prune_waiting = False
 
     @property
     def name(self) -> str:
@@ -672,8 +673,11 @@ class ProjectRunner:
             self._publish_completed(record)
         # Pruning may wait for another process's lock on the database, so
         # it must not hold up what follows the run (a restart, a queued run).
-        assert self._nursery is not None
-        self._nursery.start_soon(self._prune)
+        # One waiting prune covers every run that ended before it starts.
+        if not self._prune_waiting:
+            self._prune_waiting = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._prune)
         return record
 
     async def _wait_run(
@@ -800,6 +804,10 @@ class ProjectRunner:
         record.signal = status.signal
 
     async def _prune(self) -> None:
+        # Let the final rows of the runs that just ended reach the database,
+        # so this prune sees them.
+        await self.context.store.flush()
+        self._prune_waiting = False
         deleted = await self.context.store.prune(
             self.name, self.context.settings.history_keep
         )

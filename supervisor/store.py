@@ -499,6 +499,12 @@ class Store:
             raise
         self._retry_delay = retry_delay
         self._max_retry_delay = max_retry_delay
+        # Each connection serves one thread at a time anyway. Their own
+        # limiters keep writes that wait for a lock from taking every thread
+        # of trio's shared limiter, which reads (and the rest of the daemon)
+        # would then wait for.
+        self._write_threads = trio.CapacityLimiter(1)
+        self._read_threads = trio.CapacityLimiter(1)
         self._last_run_id = db.max_run_id()
 
         # Each item is (is_run, row). Items leave the queue only after they
@@ -609,7 +615,9 @@ class Store:
         return await self._read(self._reader.last_runs)
 
     async def mark_lost(self, now: datetime) -> list[RunRecord]:
-        return await trio.to_thread.run_sync(self._db.mark_lost, now)
+        return await trio.to_thread.run_sync(
+            self._db.mark_lost, now, limiter=self._write_threads
+        )
 
     async def prune(self, project: str, keep: int) -> list[int]:
         """Prune committed runs, as `Database.prune`. Queued rows are not seen.
@@ -621,7 +629,9 @@ class Store:
         never holds up reads.
         """
         try:
-            return await trio.to_thread.run_sync(self._db.prune, project, keep)
+            return await trio.to_thread.run_sync(
+                self._db.prune, project, keep, limiter=self._write_threads
+            )
         except (sqlite3.Error, OSError) as exc:
             kind = f"prune {type(exc).__name__}: {exc}"
             if kind not in self._failure_kinds:
@@ -648,7 +658,9 @@ class Store:
     async def _read(self, call: Callable[[], T]) -> T:
         # A cancelled read leaves its thread to finish on its own, and the
         # reader lock keeps the next read from overlapping it.
-        return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            call, abandon_on_cancel=True, limiter=self._read_threads
+        )
 
     async def _write_next_batch(self) -> None:
         batch = list(itertools.islice(self._queue, MAX_BATCH_ROWS))
@@ -659,7 +671,10 @@ class Store:
         while True:
             try:
                 await trio.to_thread.run_sync(
-                    self._db._write_rows, list(run_rows.values()), event_rows
+                    self._db._write_rows,
+                    list(run_rows.values()),
+                    event_rows,
+                    limiter=self._write_threads,
                 )
                 break
             except (sqlite3.Error, OSError) as exc:
