@@ -64,6 +64,7 @@ from supervisor.process import (
     ChildProcess,
     ExitStatus,
     ProcessSpec,
+    check_descriptors,
     child_environment,
     describe_os_error,
     open_process,
@@ -569,6 +570,9 @@ class ProjectRunner:
 
         try:
             with active.scope:
+                # Before the first await: runs that start at once then count
+                # each other's open files.
+                check_descriptors()
                 resolved = await resolve_env(project, context.credentials)
                 masker = Masker(resolved.secrets)
                 markers = run_markers(context.settings.data_dir, self.name, record.id)
