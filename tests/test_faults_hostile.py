@@ -242,11 +242,17 @@ def test_daemonized_grandchildren_are_reaped(tmp_path: Path) -> None:
     )
     with daemon_process(tmp_path, config) as daemon:
         daemon.start()
-        wait_until(lambda: run_processes(daemon.tag))
-        time.sleep(0.5)
-        zombies = zombie_children(daemon.pid)
+        wait_until(
+            lambda: any(
+                process.project == "spawner" for process in run_processes(daemon.tag)
+            )
+        )
+        # Every `true` has exited by now. Each one is a zombie for a moment
+        # before the daemon reaps it.
+        time.sleep(0.3)
+        reaped = wait_until(lambda: not zombie_children(daemon.pid), timeout=5)
         assert daemon.stop() == 0
-    assert zombies == []
+    assert reaped
 
 
 @pytest.mark.slow
