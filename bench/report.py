@@ -274,7 +274,7 @@ def markdown(results: dict[str, Any], scenario_docs: dict[str, str]) -> str:
         "repetitions, with the range (min–max) in brackets. Ratios are "
         "runvisor's median divided by the peer's median.",
         "",
-        f"- Date: {results['date']}"
+        f"- Latest run: {results['date']}"
         + (" (quick sizes)" if results.get("quick") else ""),
         f"- Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
         f"Linux {m['kernel']}, Python {m['python']}; load average at start "
@@ -290,9 +290,9 @@ def markdown(results: dict[str, Any], scenario_docs: dict[str, str]) -> str:
     if any(entry.get("run") != results["run"] for entry in _entries(results)):
         lines += [
             "",
-            "Some rows come from an earlier run than the latest one (see each "
-            "scenario's runs line); ratios across runs are less reliable than "
-            "ratios within one run.",
+            "Some scenarios come from an earlier run than the latest one (each "
+            "scenario names its run). Every ratio compares numbers of one run, "
+            "unless a scenario names several runs.",
         ]
 
     lines += [
@@ -316,15 +316,22 @@ def markdown(results: dict[str, Any], scenario_docs: dict[str, str]) -> str:
 
     for title, scenario in results["scenarios"].items():
         entries = scenario["peers"]
-        lines += ["", f"## {title}", "", scenario_docs.get(title, ""), ""]
+        lines += ["", f"## {title}", "", scenario_docs.get(title, "")]
         runs = sorted({e.get("date", "") for e in entries.values() if e.get("date")})
         if runs:
-            lines += [f"Runs: {', '.join(runs)}", ""]
+            measured = f"Measured in the run of {', '.join(runs)}"
+            version = entries.get(RUNVISOR, {}).get("version")
+            if version:
+                measured += f", with {version}"
+            lines += ["", measured + "."]
+        notes = []
         for name, entry in entries.items():
             if entry.get("skipped"):
-                lines.append(f"- {name}: not run: {entry['skipped']}")
+                notes.append(f"- {name}: not run: {entry['skipped']}")
             for error in entry.get("errors", []):
-                lines.append(f"- {name}: error: {error}")
+                notes.append(f"- {name}: error: {error}")
+        if notes:
+            lines += ["", *notes]
         metrics = sorted({k for e in entries.values() for k in e.get("metrics", {})})
         if not metrics:
             continue

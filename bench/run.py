@@ -77,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(summarize with bench/profile.py)",
     )
     parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="only write the results page again from latest.json",
+    )
+    parser.add_argument(
         "--fresh",
         action="store_true",
         help="do not keep entries from the previous latest.json",
@@ -195,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "run": run_id,
                 "date": run_id,
                 "repeat": args.repeat,
+                "version": results["peers"][name]["version"],
                 "metrics": {
                     metric: report.summarize(series)
                     for metric, series in values.get(name, {}).items()
@@ -222,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     args = parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out_dir / "latest.json").read_text())
+        docs = {t: m.MEASURES for t, m in SCENARIOS.items()}
+        args.markdown.write_text(report.markdown(results, docs))
+        logger.info("Wrote %s", args.markdown)
+        return 0
     if args.profile is not None:
         Runvisor.profile_dir = args.profile.resolve()
     results = run(args)

@@ -46,8 +46,9 @@ CLI = _find_cli()
 VENV_PYTHON = CLI.parent / "python"
 ROUNDTRIP = BENCH_DIR / "roundtrip.py"
 
-# runvisor's backoff.initial must be greater than 0; 1 ms is its smallest
-# restart delay in practice.
+# runvisor's backoff.initial must be greater than 0, so 1 ms is its smallest
+# restart delay. A factor of 1 keeps it there: the default factor of 2 would
+# double it at each of the scenario's kills, since reset_after is 1 minute.
 FAST_BACKOFF = "1ms"
 
 
@@ -157,6 +158,7 @@ class Runvisor(Peer):
                     lines += [
                         f"[projects.{p.name}.backoff]",
                         f"initial = {_toml_string(FAST_BACKOFF)}",
+                        "factor = 1.0",
                     ]
         self._config.write_text("\n".join(lines) + "\n")
 
