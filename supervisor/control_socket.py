@@ -17,7 +17,6 @@ touches anything else, in this order:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import ControlError
+from supervisor.lockfile import LockHeld, take_lock
 
 logger = logging.getLogger(__name__)
 
@@ -126,25 +126,19 @@ def _prepare_folder(folder: Path) -> None:
 
 
 def _lock(path: Path) -> int:
-    lock_path = f"{path}.lock"
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    lock_path = Path(f"{path}.lock")
     try:
-        fd = os.open(lock_path, flags, 0o600)
-    except OSError as error:
-        raise ControlError(f"Cannot open the lock file {lock_path}: {error}.") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+        return take_lock(lock_path)
+    except LockHeld as held:
         raise ControlError(
-            f"Another runvisor daemon (pid {holder}) is already running with "
-            f"the control socket {path}. Stop it with 'runvisor shutdown', or "
-            "set another [runvisor] socket for this config."
+            f"Another runvisor daemon (pid {held.holder}) is already running "
+            f"with the control socket {path}. Stop it with 'runvisor shutdown', "
+            "or set another [runvisor] socket for this config."
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    except OSError as error:
+        raise ControlError(
+            f"Cannot open the lock file {lock_path}: {error.strerror or error}."
+        ) from None
 
 
 def _remove_stale_socket(path: Path) -> None:

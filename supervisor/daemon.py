@@ -11,7 +11,6 @@ Signals: SIGTERM and SIGINT stop every run (whole process groups) and exit
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from supervisor.credentials import (
     known_credentials,
 )
 from supervisor.errors import StoreError
+from supervisor.lockfile import LockHeld, take_lock
 from supervisor.logs import Hub
 from supervisor.manager import Manager
 from supervisor.model import ReloadEvent
@@ -95,27 +95,19 @@ def lock_data_dir(data_dir: Path) -> int:
     Raises StoreError when another daemon holds it or it cannot be opened.
     """
     path = data_dir / LOCK_NAME
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
+        return take_lock(path)
+    except LockHeld as held:
+        raise StoreError(
+            f"Another runvisor daemon (pid {held.holder}) is already using the "
+            f"data dir {data_dir}. Stop it, or set another [runvisor] data_dir "
+            "for this config."
+        ) from None
     except OSError as error:
         raise StoreError(
             f"Cannot open the lock file {path}: {error.strerror or error}. Set "
             "[runvisor] data_dir to a writable folder."
         ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreError(
-            f"Another runvisor daemon (pid {holder}) is already using the data "
-            f"dir {data_dir}. Stop it, or set another [runvisor] data_dir for "
-            "this config."
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 class Daemon:
