@@ -76,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ControlServer", "ControlSocket", "open_control_socket"]
 
+DISCARD_SECONDS = 1.0
+"""Seconds a rejected connection is read from before it is closed."""
 EVENT_QUEUE = 1024
 """Events queued per live subscriber before it starts to skip."""
 LOG_QUEUE = 4096
@@ -177,6 +179,7 @@ class ControlServer:
                             kind=ErrorKind.PERMISSION_DENIED,
                         )
                     )
+                    await _discard_input(stream)
                     return
                 await self._serve_connection(connection)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -503,6 +506,18 @@ class ControlServer:
                 f"Project {name!r} has no run {run_id}. Run 'runvisor history "
                 f"{name}' to list its runs."
             )
+
+
+async def _discard_input(stream: trio.SocketStream) -> None:
+    """Read and drop what the peer sends until it closes, for a short while.
+
+    Closing a Unix socket with unread input resets the connection, and the
+    peer may then lose the reply that was sent before the close.
+    """
+    await stream.send_eof()
+    with trio.move_on_after(DISCARD_SECONDS):
+        while await stream.receive_some(64 * 1024):
+            pass
 
 
 def restarts_on_change(old: TriggerMode, new: TriggerMode) -> bool:
