@@ -219,9 +219,8 @@ async def test_env_file_that_is_a_folder_fails_the_run(
 # -- the control socket -----------------------------------------------------------
 
 # Runs as `nobody` with the system Python (the test's interpreter may sit in
-# a folder that nobody cannot enter), so it uses no runvisor code. The daemon
-# checks the peer before it reads anything, so the client first reads what
-# the daemon sends, prints it, then tries to send its request.
+# a folder that nobody cannot enter), so it uses no runvisor code: it sends
+# one frame, like the CLI, and prints what came back.
 NOBODY_CLIENT = textwrap.dedent(
     """
     import socket, sys
@@ -232,14 +231,11 @@ NOBODY_CLIENT = textwrap.dedent(
     except OSError as error:
         print("connect-failed", error.errno)
         sys.exit(0)
+    client.sendall(frame)
     data = b""
     while chunk := client.recv(65536):
         data += chunk
     print("reply", data.hex())
-    try:
-        client.sendall(frame)
-    except OSError:
-        pass
     """
 )
 
