@@ -83,6 +83,7 @@ SPAWN_DESCRIPTORS = 8
 # File descriptors kept free for the control socket, the database and log
 # files: a run that would leave fewer is not started, so that the daemon
 # can still be asked for status and told to stop when runs use up the rest.
+# NOTE: 64 is an estimate of what these need at once, not a measured bound.
 RESERVED_DESCRIPTORS = 64
 
 
