@@ -1,11 +1,12 @@
 """runvisor from the project's virtual environment.
 
-`runvisor serve --config PATH` runs the daemon in the foreground, logging to
-stderr. Logs are files under `<data_dir>/logs/<project>/<run_id>.log`, one
-line per output line after a time stamp and the stream name. Commands that
-need the control socket (`stop`, `restart`, `trigger`, live `status`) are
-used when the installed CLI has them. `missing_feature` returns which are
-absent, and scenarios that need them are skipped with that reason.
+`runvisor --config PATH serve` runs the daemon in the foreground, logging to
+stderr (`--config` is an option of the main command, before the
+subcommand). Logs are files under `<data_dir>/logs/<project>/<run_id>.log`,
+one line per output line after a time stamp and the stream name. Commands
+that need the control socket (`stop`, `start`, live `status`) are used when
+the installed CLI has them. `missing_feature` returns which are absent, and
+scenarios that need them are skipped with that reason.
 """
 
 from __future__ import annotations
