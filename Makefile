@@ -4,11 +4,14 @@
 # and two for the single executable:
 #   make binary       builds dist/runvisor with PyInstaller
 #   make test-frozen  builds it and runs the frozen tests against it
+# The fault suite runs in `make test` with small counts; at full counts
+# (RELIABILITY.md) with:
+#   make test-faults-full
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint venv system-deps binary test-frozen clean
+.PHONY: run test lint venv system-deps binary test-frozen test-faults-full clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +44,15 @@ binary: $(BIN)/.installed-build
 
 test-frozen: binary system-deps
 	RUNVISOR_BINARY=dist/runvisor $(BIN)/pytest -m frozen
+
+# Counts and the time they take are listed in RELIABILITY.md.
+FAULT_COUNTS := RUNVISOR_FAULT_CYCLES=200 RUNVISOR_FAULT_SCHEDULE_CYCLES=100 \
+	RUNVISOR_FAULT_FUZZ=20000 RUNVISOR_FAULT_LINE_MB=500 \
+	RUNVISOR_FAULT_GRANDCHILDREN=1000 RUNVISOR_FAULT_CONNECTIONS=5000 \
+	RUNVISOR_FAULT_PROJECTS=1000
+
+test-faults-full: venv system-deps
+	$(FAULT_COUNTS) $(BIN)/pytest -s -o timeout=3000 tests/test_faults_*.py
 
 clean:
 	rm -rf $(VENV) build/work dist .pytest_cache .mypy_cache .ruff_cache
