@@ -30,7 +30,6 @@ from supervisor.config_values import (
     check_command,
     check_exit_codes,
     check_http_url,
-    check_size,
     check_stop_signal,
     check_string,
     check_table,
@@ -42,6 +41,7 @@ from supervisor.config_values import (
     number_checker,
     quote_all,
     quote_string,
+    size_checker,
     string_checker,
     type_name,
 )
@@ -55,6 +55,17 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RESERVED_ENV_PREFIX = "RUNVISOR_"
 
 _NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+# Upper limits of numbers in the file. A value past them is a typo rather
+# than a setting, and it would break what uses it: a stop timeout of 1e300
+# seconds never ends, and status would print its 300 digits.
+DAY = 86400.0
+MAX_DURATION = 30 * DAY
+# Run timeouts, the restart window and the backoff reset may be a year.
+MAX_LONG_DURATION = 365 * DAY
+MAX_JITTER = DAY
+MAX_COUNT = 1_000_000
+MAX_LOG_BYTES = 1024**4
 
 
 def check_tables(
@@ -385,9 +396,9 @@ def _env_entry(problems: Problems, key: Key, value: object) -> object | None:
 _DAEMON_CHECKERS: dict[str, Checker] = {
     "data_dir": string_checker(allow_empty=False),
     "socket": string_checker(allow_empty=False),
-    "log_max_bytes": check_size,
-    "log_backups": integer_checker(0),
-    "history_keep": integer_checker(1),
+    "log_max_bytes": size_checker(maximum=MAX_LOG_BYTES),
+    "log_backups": integer_checker(0, MAX_COUNT),
+    "history_keep": integer_checker(1, MAX_COUNT),
     "log_level": choice_checker(get_args(LogLevel)),
 }
 
@@ -396,21 +407,21 @@ _CREDENTIAL_CHECKERS: dict[str, Checker] = {
 }
 
 _BACKOFF_CHECKERS: dict[str, Checker] = {
-    "initial": duration_checker(positive=True),
+    "initial": duration_checker(maximum=MAX_DURATION, positive=True),
     "factor": number_checker(1.0),
-    "max": duration_checker(positive=True),
-    "reset_after": duration_checker(),
+    "max": duration_checker(maximum=MAX_DURATION, positive=True),
+    "reset_after": duration_checker(maximum=MAX_LONG_DURATION),
 }
 
 _HEALTH_CHECKERS: dict[str, Checker] = {
     "exec": check_command,
     "http": check_http_url,
     "tcp": check_tcp_address,
-    "interval": duration_checker(positive=True),
-    "timeout": duration_checker(positive=True),
-    "start_period": duration_checker(),
-    "failure_threshold": integer_checker(1),
-    "success_threshold": integer_checker(1),
+    "interval": duration_checker(maximum=MAX_DURATION, positive=True),
+    "timeout": duration_checker(maximum=MAX_DURATION, positive=True),
+    "start_period": duration_checker(maximum=MAX_DURATION),
+    "failure_threshold": integer_checker(1, MAX_COUNT),
+    "success_threshold": integer_checker(1, MAX_COUNT),
     "on_unhealthy": choice_checker(tuple(OnUnhealthy)),
 }
 
@@ -422,19 +433,19 @@ _PROJECT_CHECKERS: dict[str, Checker] = {
     "cron": string_checker(allow_empty=False),
     "timezone": check_timezone,
     "catch_up": check_boolean,
-    "jitter": duration_checker(),
+    "jitter": duration_checker(maximum=MAX_JITTER),
     "overlap": choice_checker(tuple(OverlapPolicy)),
-    "timeout": duration_checker(positive=True),
+    "timeout": duration_checker(maximum=MAX_LONG_DURATION, positive=True),
     "restart": choice_checker(tuple(RestartPolicy)),
     "success_exit_codes": check_exit_codes,
-    "start_seconds": duration_checker(),
+    "start_seconds": duration_checker(maximum=MAX_DURATION),
     "backoff": _backoff,
-    "max_retries": integer_checker(0),
-    "restart_limit": integer_checker(1),
-    "restart_window": duration_checker(positive=True),
+    "max_retries": integer_checker(0, MAX_COUNT),
+    "restart_limit": integer_checker(1, MAX_COUNT),
+    "restart_window": duration_checker(maximum=MAX_LONG_DURATION, positive=True),
     "health": _health,
     "stop_signal": check_stop_signal,
-    "stop_timeout": duration_checker(),
+    "stop_timeout": duration_checker(maximum=MAX_DURATION),
     "env": _env,
     "keep_env_file": check_boolean,
 }

@@ -23,7 +23,14 @@ from datetime import date, datetime, time
 from urllib.parse import urlsplit
 
 from supervisor.toml_lines import Key, KeyLines
-from supervisor.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
+from supervisor.units import (
+    DURATION_HELP,
+    SIZE_HELP,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 # SIGKILL and SIGSTOP cannot be caught, so a run could not stop cleanly.
 _UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
@@ -154,7 +161,7 @@ def number_checker(minimum: float) -> Checker:
     return check
 
 
-def duration_checker(*, positive: bool = False) -> Checker:
+def duration_checker(*, maximum: float, positive: bool = False) -> Checker:
     def check(problems: Problems, key: Key, value: object) -> float | None:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             problems.add(
@@ -167,8 +174,14 @@ def duration_checker(*, positive: bool = False) -> Checker:
         except ValueError:
             problems.add(key, f"invalid duration {show_value(value)}: {DURATION_HELP}.")
             return None
-        if seconds < 0 or (positive and seconds == 0):
-            allowed = "greater than 0" if positive else ">= 0"
+        too_small = seconds <= 0 if positive else seconds < 0
+        if too_small or seconds > maximum:
+            limit = format_duration_limit(maximum)
+            allowed = (
+                f"greater than 0 and at most {limit}"
+                if positive
+                else f"from 0 to {limit}"
+            )
             problems.add(
                 key, f"expected a duration {allowed}, got {show_value(value)}."
             )
@@ -178,21 +191,37 @@ def duration_checker(*, positive: bool = False) -> Checker:
     return check
 
 
-def check_size(problems: Problems, key: Key, value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        problems.add(key, f"expected a size, got {describe_value(value)}: {SIZE_HELP}.")
-        return None
-    try:
-        size = parse_size(value)
-    except ValueError:
-        problems.add(key, f"invalid size {show_value(value)}: {SIZE_HELP}.")
-        return None
-    if size < 1:
-        problems.add(
-            key, f"expected a size of at least 1 byte, got {show_value(value)}."
-        )
-        return None
-    return size
+def size_checker(*, maximum: int) -> Checker:
+    def check(problems: Problems, key: Key, value: object) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            problems.add(
+                key, f"expected a size, got {describe_value(value)}: {SIZE_HELP}."
+            )
+            return None
+        try:
+            size = parse_size(value)
+        except ValueError:
+            problems.add(key, f"invalid size {show_value(value)}: {SIZE_HELP}.")
+            return None
+        if not 1 <= size <= maximum:
+            problems.add(
+                key,
+                f"expected a size from 1 byte to {format_size(maximum)}, "
+                f"got {show_value(value)}.",
+            )
+            return None
+        return size
+
+    return check
+
+
+def format_duration_limit(seconds: float) -> str:
+    """Format a limit in whole days when it is one, such as "30d", because
+    format_duration would write "720h"."""
+    days, rest = divmod(seconds, 86400)
+    if days and not rest:
+        return f"{days:g}d"
+    return format_duration(seconds)
 
 
 def choice_checker(allowed: tuple[str, ...]) -> Checker:

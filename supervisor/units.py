@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", re.IGNORECASE)
@@ -21,9 +22,11 @@ _SIZE_UNITS = {
     "kb": 1000,
     "mb": 1000**2,
     "gb": 1000**3,
+    "tb": 1000**4,
     "kib": 1024,
     "mib": 1024**2,
     "gib": 1024**3,
+    "tib": 1024**4,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
 
@@ -112,12 +115,14 @@ def parse_size(value: str | int) -> int:
     match = _SIZE.fullmatch(value)
     if match is None or match[2].lower() not in _SIZE_UNITS:
         raise ValueError(f"{value!r} is not a size: {SIZE_HELP}")
-    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    # Exact, because the float of a long number is infinite and has no int.
+    return int(Fraction(match[1]) * _SIZE_UNITS[match[2].lower()])
 
 
 def format_size(size: int) -> str:
     """Format a byte count with the largest IEC unit that divides it exactly."""
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+    units = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+    for unit, factor in units:
         if size and size % factor == 0:
             return f"{size // factor}{unit}"
     return f"{size}B"

@@ -289,6 +289,9 @@ def test_format_duration(seconds: float, text: str) -> None:
         ("2kib", 2048),
         ("1GiB", 1024**3),
         ("1.5MB", 1_500_000),
+        ("2TB", 2 * 1000**4),
+        ("1TiB", 1024**4),
+        ("9" * 400 + "KB", int("9" * 400) * 1000),
     ],
 )
 def test_parse_size_accepts(text: str | int, size: int) -> None:
@@ -1260,7 +1263,7 @@ def test_secret_value_repr_is_masked(tmp_path: Path) -> None:
         (
             "backoff.initial = 0",
             "backoff.initial",
-            "expected a duration greater than 0, got 0.",
+            "expected a duration greater than 0 and at most 30d, got 0.",
         ),
         ("backoff.factor = 0.5", "backoff.factor", "expected a number >= 1, got 0.5."),
         (
@@ -1271,17 +1274,33 @@ def test_secret_value_repr_is_masked(tmp_path: Path) -> None:
         (
             'backoff.reset_after = "-1"',
             "backoff.reset_after",
-            'expected a duration >= 0, got "-1".',
+            'expected a duration from 0 to 365d, got "-1".',
         ),
-        ("max_retries = -1", "max_retries", "expected an integer >= 0, got -1."),
-        ("restart_limit = 0", "restart_limit", "expected an integer >= 1, got 0."),
+        (
+            "max_retries = -1",
+            "max_retries",
+            "expected an integer from 0 to 1000000, got -1.",
+        ),
+        (
+            "restart_limit = 0",
+            "restart_limit",
+            "expected an integer from 1 to 1000000, got 0.",
+        ),
         (
             'restart_window = "0s"',
             "restart_window",
-            'expected a duration greater than 0, got "0s".',
+            'expected a duration greater than 0 and at most 365d, got "0s".',
         ),
-        ("start_seconds = -1", "start_seconds", "expected a duration >= 0, got -1."),
-        ("stop_timeout = -0.5", "stop_timeout", "expected a duration >= 0, got -0.5."),
+        (
+            "start_seconds = -1",
+            "start_seconds",
+            "expected a duration from 0 to 30d, got -1.",
+        ),
+        (
+            "stop_timeout = -0.5",
+            "stop_timeout",
+            "expected a duration from 0 to 30d, got -0.5.",
+        ),
         (
             "success_exit_codes = [256]",
             "success_exit_codes",
@@ -1344,12 +1363,20 @@ def test_backoff_max_below_default_initial(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "key", "expected"),
     [
-        ("log_backups = -1", "log_backups", "expected an integer >= 0, got -1."),
-        ("history_keep = 0", "history_keep", "expected an integer >= 1, got 0."),
+        (
+            "log_backups = -1",
+            "log_backups",
+            "expected an integer from 0 to 1000000, got -1.",
+        ),
+        (
+            "history_keep = 0",
+            "history_keep",
+            "expected an integer from 1 to 1000000, got 0.",
+        ),
         (
             "log_max_bytes = 0",
             "log_max_bytes",
-            "expected a size of at least 1 byte, got 0.",
+            "expected a size from 1 byte to 1TiB, got 0.",
         ),
         ("log_max_bytes = 1.5", "log_max_bytes", "expected a size, got a float (1.5)"),
         ('data_dir = ""', "data_dir", "must not be empty."),
@@ -1361,6 +1388,152 @@ def test_daemon_limits(tmp_path: Path, line: str, key: str, expected: str) -> No
     )
 
     assert message.startswith(expected)
+
+
+# Each number key with a value past its upper limit, the message for it, and
+# the value at the limit, which loads.
+_UPPER_LIMITS = [
+    (
+        "projects.hello",
+        "stop_timeout = 1e300",
+        "expected a duration from 0 to 30d, got 1e+300.",
+        'stop_timeout = "30d"',
+    ),
+    (
+        "projects.hello",
+        'timeout = "366d"',
+        'expected a duration greater than 0 and at most 365d, got "366d".',
+        'timeout = "365d"',
+    ),
+    (
+        "projects.tick",
+        'jitter = "99999999999h"',
+        'expected a duration from 0 to 1d, got "99999999999h".',
+        'jitter = "24h"',
+    ),
+    (
+        "projects.web",
+        "start_seconds = 2592001",
+        "expected a duration from 0 to 30d, got 2592001.",
+        "start_seconds = 2592000",
+    ),
+    (
+        "projects.web",
+        "max_retries = 99999999999999999999",
+        "expected an integer from 0 to 1000000, got 99999999999999999999.",
+        "max_retries = 1000000",
+    ),
+    (
+        "projects.web",
+        "restart_limit = 1000001",
+        "expected an integer from 1 to 1000000, got 1000001.",
+        "restart_limit = 1000000",
+    ),
+    (
+        "projects.web",
+        'restart_window = "365d1s"',
+        'expected a duration greater than 0 and at most 365d, got "365d1s".',
+        'restart_window = "365d"',
+    ),
+    (
+        "projects.web.backoff",
+        "initial = 1e300",
+        "expected a duration greater than 0 and at most 30d, got 1e+300.",
+        'initial = "30d"\nmax = "30d"',
+    ),
+    (
+        "projects.web.backoff",
+        'max = "31d"',
+        'expected a duration greater than 0 and at most 30d, got "31d".',
+        'max = "30d"',
+    ),
+    (
+        "projects.web.backoff",
+        'reset_after = "366d"',
+        'expected a duration from 0 to 365d, got "366d".',
+        'reset_after = "365d"',
+    ),
+    (
+        "projects.web.health",
+        'interval = "31d"',
+        'expected a duration greater than 0 and at most 30d, got "31d".',
+        'interval = "30d"',
+    ),
+    (
+        "projects.web.health",
+        'timeout = "31d"',
+        'expected a duration greater than 0 and at most 30d, got "31d".',
+        'timeout = "30d"',
+    ),
+    (
+        "projects.web.health",
+        'start_period = "31d"',
+        'expected a duration from 0 to 30d, got "31d".',
+        'start_period = "30d"',
+    ),
+    (
+        "projects.web.health",
+        "failure_threshold = 1000001",
+        "expected an integer from 1 to 1000000, got 1000001.",
+        "failure_threshold = 1000000",
+    ),
+    (
+        "projects.web.health",
+        "success_threshold = 1000001",
+        "expected an integer from 1 to 1000000, got 1000001.",
+        "success_threshold = 1000000",
+    ),
+    (
+        "runvisor",
+        'log_max_bytes = "1025GiB"',
+        'expected a size from 1 byte to 1TiB, got "1025GiB".',
+        'log_max_bytes = "1TiB"',
+    ),
+    (
+        "runvisor",
+        'log_max_bytes = "' + "9" * 400 + 'TB"',
+        'expected a size from 1 byte to 1TiB, got "99999',
+        "log_max_bytes = 1099511627776",
+    ),
+    (
+        "runvisor",
+        "log_backups = 1000001",
+        "expected an integer from 0 to 1000000, got 1000001.",
+        "log_backups = 1000000",
+    ),
+    (
+        "runvisor",
+        "history_keep = 1000001",
+        "expected an integer from 1 to 1000000, got 1000001.",
+        "history_keep = 1000000",
+    ),
+]
+
+
+@pytest.mark.parametrize(("table", "past", "expected", "limit"), _UPPER_LIMITS)
+def test_numbers_past_upper_limit(
+    tmp_path: Path, table: str, past: str, expected: str, limit: str
+) -> None:
+    text = _minimal_file(table, past)
+    line = text.splitlines().index(past) + 1
+    # The example's table "projects.web.backoff" is "projects.p.backoff" here.
+    key = ".".join([*table.split(".")[:1], "p", *table.split(".")[2:]])
+    if table == "runvisor":
+        key = table
+    key += "." + past.partition(" = ")[0]
+
+    message = one_problem(tmp_path, text, line, key)
+
+    assert message.startswith(expected)
+
+
+@pytest.mark.parametrize(("table", "past", "expected", "limit"), _UPPER_LIMITS)
+def test_numbers_at_upper_limit_load(
+    tmp_path: Path, table: str, past: str, expected: str, limit: str
+) -> None:
+    _, errors, _ = check_config(write(tmp_path, _minimal_file(table, limit)))
+
+    assert errors == []
 
 
 def test_zero_backups_are_allowed(tmp_path: Path) -> None:
@@ -1507,19 +1680,31 @@ def test_invalid_health_targets(
 @pytest.mark.parametrize(
     ("line", "key", "expected"),
     [
-        ('timeout = "0s"', "timeout", 'expected a duration greater than 0, got "0s".'),
-        ("interval = 0", "interval", "expected a duration greater than 0, got 0."),
+        (
+            'timeout = "0s"',
+            "timeout",
+            'expected a duration greater than 0 and at most 30d, got "0s".',
+        ),
+        (
+            "interval = 0",
+            "interval",
+            "expected a duration greater than 0 and at most 30d, got 0.",
+        ),
         (
             "failure_threshold = 0",
             "failure_threshold",
-            "expected an integer >= 1, got 0.",
+            "expected an integer from 1 to 1000000, got 0.",
         ),
         (
             "success_threshold = 0",
             "success_threshold",
-            "expected an integer >= 1, got 0.",
+            "expected an integer from 1 to 1000000, got 0.",
         ),
-        ("start_period = -1", "start_period", "expected a duration >= 0, got -1."),
+        (
+            "start_period = -1",
+            "start_period",
+            "expected a duration from 0 to 30d, got -1.",
+        ),
     ],
 )
 def test_health_limits(tmp_path: Path, line: str, key: str, expected: str) -> None:
