@@ -639,8 +639,10 @@ async def run_schedule(
 
     Each fire waits a further uniform(0, `jitter`) seconds, but the fire time
     passed on stays the nominal one. `on_next` receives each next fire time
-    (None if the schedule has none left, which ends the loop). Fire times
-    given to `target` and `on_next` are UTC. `name` labels log lines (the
+    (None if the schedule has none left, which ends the loop). While a fire
+    waits for its jitter, `on_next` receives the time the wait ends, so that
+    a status shows when the run starts rather than a fire time already past.
+    Fire times given to `target` and `on_next` are UTC. `name` labels log lines (the
     expression when empty).
     """
     if jitter < 0:
@@ -688,5 +690,8 @@ async def run_schedule(
             )
         handled = fire_time
         if jitter > 0:
-            await trio.sleep(rng.uniform(0, jitter))
+            delay = rng.uniform(0, jitter)
+            if on_next is not None:
+                on_next(clock.now() + timedelta(seconds=delay))
+            await trio.sleep(delay)
         target.fire(fire_time, trigger)

@@ -900,6 +900,39 @@ async def test_jitter_delays_within_bounds(
     assert delays == pytest.approx(expected, abs=0.001)
 
 
+async def test_jitter_wait_announces_delayed_start(
+    autojump_clock: MockClock,
+) -> None:
+    clock = TrioWallClock(BASE)
+    target = Recorder(clock)
+    delay = random.Random(99).uniform(0, 600)
+    # Each announced next fire time, with the wall time it was announced at.
+    announced: list[tuple[datetime | None, datetime]] = []
+
+    with trio.move_on_after(3600 + 600):
+        await run_schedule(
+            CronSchedule("0 * * * *", "UTC"),
+            target,
+            clock,
+            last_fire=None,
+            catch_up=False,
+            jitter=600.0,
+            rng=random.Random(99),
+            on_next=lambda when: announced.append((when, clock.now())),
+        )
+
+    [(fire_time, _, fired_at)] = target.fires
+    assert fire_time == at(1)
+    assert [when for when, _ in announced] == [
+        at(1),
+        pytest.approx(at(1) + timedelta(seconds=delay), abs=timedelta(seconds=0.01)),
+        at(2),
+    ]
+    jitter_end, announced_at = announced[1]
+    assert announced_at == pytest.approx(at(1), abs=timedelta(seconds=0.01))
+    assert jitter_end == pytest.approx(fired_at, abs=timedelta(seconds=0.01))
+
+
 async def test_negative_jitter_is_rejected() -> None:
     clock = SystemClock()
     target = Recorder(TrioWallClock(BASE))
