@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import socket
 import struct
 import threading
@@ -23,8 +24,14 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from supervisor.errors import ControlError, DaemonNotRunning, ProtocolError
+from supervisor.errors import (
+    ConfigError,
+    ControlError,
+    DaemonNotRunning,
+    ProtocolError,
+)
 from supervisor.protocol import (
     EndReply,
     ErrorKind,
@@ -40,6 +47,9 @@ CONNECT_TIMEOUT = 5.0
 
 REPLY_TIMEOUT = 30.0
 """Default seconds to wait for a reply to a quick request."""
+
+MAX_SOCKET_PATH_BYTES = 107
+"""Linux keeps a Unix socket path in sun_path: 108 bytes with the final NUL."""
 
 _RECEIVE_BYTES = 256 * 1024
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -74,38 +84,127 @@ def locate_config(cli_value: str | None) -> Path:
     return Path(platformdirs.user_config_dir("runvisor")) / "runvisor.toml"
 
 
-def locate_socket(config_path: Path) -> Path:
-    """Return the control socket path that the config at `config_path` sets.
+class DaemonPaths(NamedTuple):
+    """Where the daemon of a config listens, and where it keeps its data."""
 
-    Reads only the `[runvisor]` table, with the loader's rules: a relative
-    path resolves against the config file's folder, and without `socket` the
-    default is `$XDG_RUNTIME_DIR/runvisor/control.sock`, else
-    `control.sock` in the data dir. A missing, unreadable or invalid file
-    gives the default, so a client can still reach a daemon whose file was
-    broken after it started.
+    socket: Path
+    data_dir: Path
+
+
+def locate_daemon(config_path: Path) -> DaemonPaths:
+    """Return the control socket and the data dir that the config at
+    `config_path` sets, with the loader's rules.
+
+    Reads only the `[runvisor]` table: a relative path resolves against the
+    config file's folder, the data dir defaults to the user data dir, and
+    the socket defaults to `$XDG_RUNTIME_DIR/runvisor/control.sock`, else
+    `control.sock` in the data dir. A file that is not valid TOML as a
+    whole is read line by line, so a client still reaches a daemon whose
+    file was broken after it started, and can ask it to reload.
+
+    Raises:
+        ConfigError: the file cannot be read, or it is not valid TOML and
+            its `socket` or `data_dir` line cannot be read on its own. The
+            message is the loader's, with file and line.
     """
-    folder = config_path.parent
-    settings: dict[str, object] = {}
     try:
-        with open(config_path, "rb") as file:
-            table = tomllib.load(file).get("runvisor", {})
-        if isinstance(table, dict):
-            settings = table
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        pass
+        data = config_path.read_bytes()
+    except OSError:
+        raise _unreadable_config(config_path) from None
+    settings: dict[str, object] | None
+    try:
+        table = tomllib.loads(data.decode("utf-8")).get("runvisor", {})
+        settings = table if isinstance(table, dict) else {}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        settings = _scan_daemon_table(data.decode("utf-8", errors="replace"))
+    if settings is None:
+        raise _unreadable_config(config_path)
 
-    configured = settings.get("socket")
-    if isinstance(configured, str) and configured:
-        return _resolve(folder, configured)
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime_dir:
-        return Path(runtime_dir, "runvisor", "control.sock")
+    folder = config_path.parent
     data_dir = settings.get("data_dir")
     if not (isinstance(data_dir, str) and data_dir):
         import platformdirs
 
         data_dir = platformdirs.user_data_dir("runvisor")
-    return _resolve(folder, data_dir) / "control.sock"
+    data_path = _resolve(folder, data_dir)
+    configured = settings.get("socket")
+    if isinstance(configured, str) and configured:
+        socket_path = _resolve(folder, configured)
+    elif runtime_dir := os.environ.get("XDG_RUNTIME_DIR"):
+        socket_path = Path(runtime_dir, "runvisor", "control.sock")
+    else:
+        socket_path = data_path / "control.sock"
+    return DaemonPaths(socket=socket_path, data_dir=data_path)
+
+
+def locate_socket(config_path: Path) -> Path:
+    """Return the control socket path that the config at `config_path` sets,
+    as `locate_daemon` finds it.
+
+    Raises:
+        ConfigError: as `locate_daemon`.
+    """
+    return locate_daemon(config_path).socket
+
+
+# A table header such as [runvisor] or [[projects.x.items]], and the keys
+# of the daemon's paths, inside [runvisor] or dotted at the top level.
+_TABLE_HEADER = re.compile(r"\s*\[\s*(?P<name>[^\[\]#]*?)\s*\]\s*(#.*)?$")
+_DAEMON_KEY = re.compile(r"\s*(socket|data_dir)\s*=")
+_DOTTED_DAEMON_KEY = re.compile(r"\s*runvisor\s*\.\s*(socket|data_dir)\s*=")
+
+
+def _scan_daemon_table(text: str) -> dict[str, object] | None:
+    """Read `socket` and `data_dir` of the `[runvisor]` table line by line,
+    from a file that is not valid TOML as a whole. Return None when one of
+    those lines is not valid TOML on its own, or appears twice.
+
+    NOTE: a `[runvisor]` line inside a multi-line string is taken for a
+    header, and an inline `runvisor = { ... }` table is not read.
+    """
+    settings: dict[str, object] = {}
+    table: str | None = ""  # "" is the top level, None any other table
+    for line in text.splitlines():
+        header = _TABLE_HEADER.match(line)
+        if header is not None or line.lstrip().startswith("["):
+            name = header["name"] if header is not None else None
+            table = "runvisor" if name == "runvisor" else None
+            continue
+        if table == "runvisor":
+            key = _DAEMON_KEY.match(line)
+        elif table == "":
+            key = _DOTTED_DAEMON_KEY.match(line)
+        else:
+            key = None
+        if key is None:
+            continue
+        try:
+            parsed: dict[str, Any] = tomllib.loads(line)
+        except tomllib.TOMLDecodeError:
+            return None
+        value = parsed["runvisor"] if table == "" else parsed
+        if key[1] in settings:
+            return None
+        settings[key[1]] = value[key[1]]
+    return settings
+
+
+def _unreadable_config(config_path: Path) -> ConfigError:
+    """Return the loader's error for a config file whose daemon paths
+    cannot be read."""
+    from supervisor.config import load_config
+
+    problems = [f"{config_path}: the [runvisor] socket setting cannot be read."]
+    try:
+        load_config(config_path)
+    except ConfigError as error:
+        problems = error.problems
+    return ConfigError(
+        [
+            *problems,
+            "The control socket's path is read from this file, so fix the file first.",
+        ]
+    )
 
 
 def _resolve(folder: Path, path: str) -> Path:
@@ -167,9 +266,17 @@ class Client:
 
         Raises:
             DaemonNotRunning: nothing listens on `path`.
-            ControlError: the socket cannot be used (permission denied, or it
-                is served by another user).
+            ControlError: the socket cannot be used (permission denied, a
+                path too long for a Unix socket, or it is served by another
+                user).
         """
+        length = len(os.fsencode(path))
+        if length > MAX_SOCKET_PATH_BYTES:
+            raise ControlError(
+                f"The control socket path {path} is {length} bytes long, but a "
+                f"Unix socket path has at most {MAX_SOCKET_PATH_BYTES} bytes. Set "
+                "[runvisor] socket to a shorter path."
+            )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.settimeout(timeout)
@@ -196,6 +303,12 @@ class Client:
             raise ControlError(
                 f"The daemon on {path} did not accept the connection within "
                 f"{timeout:g} seconds. It may be overloaded or stuck."
+            ) from None
+        except OSError as error:
+            sock.close()
+            raise ControlError(
+                f"Cannot connect to the control socket {path}: "
+                f"{error.strerror or error}. Check the [runvisor] socket setting."
             ) from None
         except BaseException:
             sock.close()

@@ -52,7 +52,7 @@ from supervisor.cli import (
     build_parser,
     run_handler,
 )
-from supervisor.control import Client, locate_config, locate_socket
+from supervisor.control import Client, locate_config, locate_daemon
 from supervisor.control_commands import Interrupter
 from supervisor.errors import ControlError, RunvisorError
 from supervisor.model import LogEvent
@@ -142,7 +142,9 @@ class Shell:
         log_level: str = "info",
     ) -> None:
         self.config_path = config_path
-        self.socket_path = locate_socket(config_path)
+        paths = locate_daemon(config_path)
+        self.socket_path = paths.socket
+        self.data_dir = paths.data_dir
         self.interactive = interactive
         self.daemon = daemon
         self.log_level = log_level
@@ -502,7 +504,7 @@ class Shell:
 
     def _new_session(self) -> PromptSession[str]:
         return PromptSession(
-            history=_open_history(self.config_path),
+            history=_open_history(self.data_dir),
             completer=ShellCompleter(self.parser, self.socket_path, self.config_path),
             complete_while_typing=False,
         )
@@ -523,16 +525,8 @@ def _split(line: str) -> list[str] | None:
         return None
 
 
-def _open_history(config_path: Path) -> FileHistory | InMemoryHistory:
+def _open_history(data_dir: Path) -> FileHistory | InMemoryHistory:
     """History of past sessions, in the data dir, readable by the user only."""
-    try:
-        from supervisor.config import load_config
-
-        data_dir = Path(load_config(config_path).runvisor.data_dir)
-    except RunvisorError:
-        import platformdirs
-
-        data_dir = Path(platformdirs.user_data_dir("runvisor"))
     path = data_dir / HISTORY_FILE
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

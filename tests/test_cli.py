@@ -223,6 +223,44 @@ def test_history_without_daemon_reads_store(
     assert "hi from run" in out
 
 
+def test_broken_config_still_reaches_the_daemon(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = daemon.config.read_text()
+    line = text.splitlines().index('trigger = "manual"   # run on request') + 1
+    daemon.config.write_text(text.replace('trigger = "manual"', 'trigger = "manual'))
+
+    code, _, err = run(daemon, capsys, "reload")
+    assert code == 1
+    assert "Reload failed; the previous config stays active" in err
+    assert f"{daemon.config}:{line}: invalid TOML" in err
+
+    code, out, err = run(daemon, capsys, "status")
+    assert code == 0
+    assert err == ""
+    assert "failed; the previous config is still active" in out
+    assert f"{daemon.config}:{line}: invalid TOML" in out
+
+
+def test_unreadable_socket_setting_is_a_config_error(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = daemon.config.read_text()
+    daemon.config.write_text(text.replace(f'"{daemon.socket}"', f'"{daemon.socket}'))
+    code, out, err = run(daemon, capsys, "status")
+    assert code == 1
+    assert out == ""
+    assert f"{daemon.config}:4: invalid TOML" in err
+    assert "No runvisor daemon" not in err
+
+    daemon.config.unlink()
+    code, out, err = run(daemon, capsys, "status")
+    assert code == 1
+    assert out == ""
+    assert f"{daemon.config}: config file not found" in err
+    assert "No runvisor daemon" not in err
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -27,11 +27,17 @@ import trio.lowlevel
 from trio.testing import MockClock
 
 from supervisor.config import find_config_path, load_config
-from supervisor.control import Client, RequestFailed, locate_config, locate_socket
+from supervisor.control import (
+    Client,
+    RequestFailed,
+    locate_config,
+    locate_daemon,
+    locate_socket,
+)
 from supervisor.control_server import EVENT_QUEUE, ControlServer
 from supervisor.control_socket import open_control_socket
 from supervisor.daemon import Daemon
-from supervisor.errors import ControlError, DaemonNotRunning
+from supervisor.errors import ConfigError, ControlError, DaemonNotRunning
 from supervisor.model import LogEvent, ProjectState, Stream
 from supervisor.protocol import (
     ActionReply,
@@ -515,6 +521,59 @@ def test_locate_socket_matches_loader(
     path = tmp_path / "runvisor.toml"
     path.write_text(f"[runvisor]\n{runvisor_table}\n[projects]\n")
     assert locate_socket(path) == Path(load_config(path).runvisor.socket)
+
+
+BROKEN_PROJECT = '[projects.x]\npath = "x"\ntrigger = "manual\n'
+
+
+@pytest.mark.parametrize(
+    "daemon_settings",
+    [
+        '[runvisor]\ndata_dir = "data"  # kept\nsocket = "run/control.sock"\n',
+        "[runvisor]\ndata_dir = 'data'\n[projects.y]\npath = 'y'\n"
+        "trigger = 'manual'\n[projects.y.env]\nsocket = 'other.sock'\n",
+        '[ runvisor ]\nsocket = "/tmp/x/control.sock"\ndata_dir = "~/rv"\n',
+        'runvisor.socket = "top.sock"\nrunvisor . data_dir = "d"\n[credentials]\n',
+        "[credentials]\n",
+    ],
+)
+def test_locate_daemon_reads_a_broken_file_by_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, daemon_settings: str
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    path = tmp_path / "runvisor.toml"
+    path.write_text(daemon_settings + BROKEN_PROJECT.replace("manual", 'manual"'))
+    config = load_config(path)
+    path.write_text(daemon_settings + BROKEN_PROJECT)
+    with pytest.raises(ConfigError):
+        load_config(path)
+    assert locate_daemon(path) == (
+        Path(config.runvisor.socket),
+        Path(config.runvisor.data_dir),
+    )
+
+
+@pytest.mark.parametrize(
+    ("daemon_settings", "line"),
+    [
+        ('[runvisor]\nsocket = "run/control.sock\n', 2),
+        ('[runvisor]\nsocket = "a.sock"\nsocket = "b.sock"\n', 3),
+        ("[runvisor]\ndata_dir = [\n", 3),
+    ],
+)
+def test_locate_daemon_rejects_an_unreadable_socket_line(
+    tmp_path: Path, daemon_settings: str, line: int
+) -> None:
+    path = tmp_path / "runvisor.toml"
+    path.write_text(daemon_settings + BROKEN_PROJECT)
+    with pytest.raises(ConfigError, match=f"{path}:{line}: invalid TOML"):
+        locate_daemon(path)
+
+
+def test_locate_daemon_of_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "runvisor.toml"
+    with pytest.raises(ConfigError, match="config file not found"):
+        locate_daemon(path)
 
 
 @pytest.mark.parametrize("cli_value", [None, "other.toml", "~/x.toml"])
