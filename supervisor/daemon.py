@@ -22,7 +22,13 @@ from pathlib import Path
 
 import trio
 
-from supervisor.config import Config, ConfigDiff, check_config, load_config
+from supervisor.config import (
+    Config,
+    ConfigDiff,
+    CredentialRef,
+    check_config,
+    load_config,
+)
 from supervisor.control_server import ControlServer, open_control_socket
 from supervisor.credential_file import take_key_environment
 from supervisor.credentials import (
@@ -108,6 +114,15 @@ def lock_data_dir(data_dir: Path) -> int:
             f"Cannot open the lock file {path}: {error.strerror or error}. Set "
             "[runvisor] data_dir to a writable folder."
         ) from None
+
+
+def maps_credentials(config: Config) -> bool:
+    """Return whether any project maps a global credential."""
+    return any(
+        isinstance(mapping, CredentialRef)
+        for project in config.projects.values()
+        for mapping in project.env.values()
+    )
 
 
 class Daemon:
@@ -263,6 +278,16 @@ class Daemon:
             Path(config.runvisor.data_dir),
             self._key_environment,
         )
+        if not maps_credentials(config):
+            # keyring and cryptography cost about 20 MB of memory once
+            # imported, so a daemon whose projects map no credential never
+            # loads them; the first lookup chooses the backend.
+            logger.info(
+                "credentials: no project maps a credential; the %r backend is "
+                "chosen at the first lookup",
+                config.credentials.backend,
+            )
+            return lookup
         await lookup.open()
         if lookup.info is not None:
             logger.info(

@@ -42,7 +42,6 @@ from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import trio
-from cron_descriptor import ExpressionDescriptor, FormatError, MissingFieldError
 from croniter import CroniterBadDateError, CroniterError, croniter
 
 from . import errors, model
@@ -439,6 +438,14 @@ class CronSchedule:
 
     def describe(self) -> str:
         """Return the expression in English words, such as "At 02:30"."""
+        # Imported here: only `next` and the shell describe expressions, and
+        # the daemon saves the module's memory.
+        from cron_descriptor import (
+            ExpressionDescriptor,
+            FormatError,
+            MissingFieldError,
+        )
+
         try:
             descriptor = ExpressionDescriptor(
                 " ".join(self._fields),
