@@ -200,7 +200,7 @@ async def probe_exec(
     """
     started = trio.current_time()
     output = _LastOutputLines()
-    spec = ProcessSpec(command=command, cwd=cwd, env=env)
+    spec = ProcessSpec(command=command, cwd=cwd, env=env, setting="health.exec")
     try:
         async with open_process(
             spec, output.feed, stop_signal=signal.SIGKILL, stop_timeout=0.0

@@ -26,8 +26,10 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +47,9 @@ from supervisor.model import Stream
 logger = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 64 * 1024
+# The size of the buffer in which Linux (5.1 and later) reads a script's
+# '#!' line (BINPRM_BUF_SIZE).
+SHEBANG_MAX_BYTES = 256
 # How often group emptiness is checked while a stop or clean-up waits.
 GROUP_POLL_SECONDS = 0.02
 # After SIGKILL a group should vanish at once; a process stuck in
@@ -117,12 +122,14 @@ class ProcessSpec:
 
     `markers` are environment variables, added to `env`, that together
     identify the processes of this run, wherever their group went.
+    `setting` is the config key that contains `command`, named in errors.
     """
 
     command: str
     cwd: Path
     env: Mapping[str, str] = field(default_factory=dict)
     markers: Mapping[str, str] = field(default_factory=dict)
+    setting: str = "command"
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
@@ -163,7 +170,7 @@ def resolve_argv(spec: ProcessSpec) -> list[str]:
     except ValueError as error:
         raise SpawnError(f"Cannot parse command {spec.command!r}: {error}.") from None
     if not argv:
-        raise SpawnError("The command is empty. Set 'command' in the config.")
+        raise SpawnError(f"The command is empty. Set '{spec.setting}' in the config.")
 
     program = argv[0]
     if "/" in program:
@@ -171,7 +178,7 @@ def resolve_argv(spec: ProcessSpec) -> list[str]:
         if not path.exists():
             raise SpawnError(
                 f"{program!r} does not exist in {str(spec.cwd)!r}. "
-                "Create it or fix 'command' in the config."
+                f"Create it or fix '{spec.setting}' in the config."
             )
         if path.is_dir() or not os.access(path, os.X_OK):
             raise SpawnError(
@@ -179,6 +186,44 @@ def resolve_argv(spec: ProcessSpec) -> list[str]:
                 f"Run 'chmod +x {program}'."
             )
     return argv
+
+
+def describe_missing_interpreter(spec: ProcessSpec, program: str) -> str | None:
+    """Explain why exec of `program` failed with ENOENT although the file
+    exists, or return None when the file is missing.
+
+    The kernel reports a missing `#!` interpreter, or a missing ELF loader,
+    as ENOENT of the program itself.
+    """
+    if "/" in program:
+        path: str | None = os.path.join(spec.cwd, program)
+    else:
+        search_path = spec.env.get("PATH", os.defpath)
+        path = shutil.which(program, path=search_path)
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as file:
+            # Linux reads at most this much of a script for its '#!' line.
+            first_line = file.read(SHEBANG_MAX_BYTES).split(b"\n", 1)[0]
+    except OSError:
+        return None
+
+    if not first_line.startswith(b"#!"):
+        return (
+            "the file exists, so the dynamic loader named in it is probably "
+            "missing, as for a program built for another system."
+        )
+    # The kernel splits the interpreter from its argument at a space or tab.
+    words = re.split(rb"[ \t]+", first_line[2:].strip(b" \t"), maxsplit=1)
+    interpreter = os.fsdecode(words[0])
+    reason = f"the interpreter {interpreter!r} named on its first line was not found."
+    if interpreter.endswith("\r"):
+        return (
+            f"{reason} The line ends with a carriage return: save the file "
+            "with Unix (LF) line endings."
+        )
+    return f"{reason} Install it or fix the '#!' line."
 
 
 def descriptor_limit_message(in_use: int | None = None) -> str:
@@ -493,6 +538,8 @@ async def open_process(
         reason = f"{error.strerror or error}."
         if error.errno == errno.ENOEXEC:
             reason = "exec format error (is the first line a valid '#!' line?)."
+        elif error.errno == errno.ENOENT:
+            reason = describe_missing_interpreter(spec, argv[0]) or reason
         elif error.errno in (errno.EMFILE, errno.ENFILE):
             reason += f" {descriptor_limit_message()}"
         raise SpawnError(f"Cannot start {argv[0]!r}: {reason}") from None

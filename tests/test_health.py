@@ -517,6 +517,7 @@ async def test_exec_probe_missing_command(
     assert not result.ok
     assert result.error.startswith("exec probe './check.sh' could not start: ")
     assert "does not exist" in result.error
+    assert result.error.endswith("Create it or fix 'health.exec' in the config.")
 
 
 # Health tracking

@@ -185,6 +185,96 @@ async def test_spawn_errors_name_the_problem(
             pass
 
 
+MISSING_INTERPRETER = (
+    "Cannot start './run.sh': the interpreter '/nonexistent/interp' named on "
+    "its first line was not found. Install it or fix the '#!' line."
+)
+
+
+@pytest.mark.parametrize(
+    ("first_line", "message"),
+    [
+        ("#!/nonexistent/interp", MISSING_INTERPRETER),
+        ("#! /nonexistent/interp -x --y", MISSING_INTERPRETER),
+        (
+            "#!/bin/sh\r",
+            "Cannot start './run.sh': the interpreter '/bin/sh\\r' named on its "
+            "first line was not found. The line ends with a carriage return: "
+            "save the file with Unix (LF) line endings.",
+        ),
+    ],
+)
+async def test_missing_interpreter_is_named(
+    tmp_path: Path, first_line: str, message: str
+) -> None:
+    script = tmp_path / "run.sh"
+    script.write_text(f"{first_line}\necho hi\n")
+    script.chmod(0o755)
+
+    with pytest.raises(SpawnError) as raised:
+        async with open_process(spec_for(tmp_path), Collector()):
+            pass
+
+    assert str(raised.value) == message
+
+
+async def test_missing_interpreter_of_program_on_path(tmp_path: Path) -> None:
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    script = bin_folder / "mytool"
+    script.write_text("#!/nonexistent/interp\n")
+    script.chmod(0o755)
+    env = process.child_environment({"PATH": str(bin_folder)})
+    spec = ProcessSpec(command="mytool --flag", cwd=tmp_path, env=env)
+
+    with pytest.raises(SpawnError) as raised:
+        async with open_process(spec, Collector()):
+            pass
+
+    assert str(raised.value) == (
+        "Cannot start 'mytool': the interpreter '/nonexistent/interp' named on "
+        "its first line was not found. Install it or fix the '#!' line."
+    )
+
+
+async def test_missing_program_loader_is_explained(tmp_path: Path) -> None:
+    program = Path("/bin/true").read_bytes()
+    if b"/ld-linux" not in program:
+        pytest.skip("/bin/true names no ld-linux loader on this system")
+    # Same length, so the ELF headers stay valid and only the loader is missing.
+    (tmp_path / "run.sh").write_bytes(program.replace(b"/ld-linux", b"/ld-nosuc", 1))
+    (tmp_path / "run.sh").chmod(0o755)
+
+    with pytest.raises(SpawnError) as raised:
+        async with open_process(spec_for(tmp_path), Collector()):
+            pass
+
+    assert str(raised.value) == (
+        "Cannot start './run.sh': the file exists, so the dynamic loader named in "
+        "it is probably missing, as for a program built for another system."
+    )
+
+
+async def test_missing_program_names_the_setting(tmp_path: Path) -> None:
+    env = process.child_environment({})
+    run = ProcessSpec(command="./gone.sh", cwd=tmp_path, env=env)
+    probe = ProcessSpec(
+        command="./gone.sh", cwd=tmp_path, env=env, setting="health.exec"
+    )
+
+    with pytest.raises(SpawnError) as run_error:
+        async with open_process(run, Collector()):
+            pass
+    with pytest.raises(SpawnError) as probe_error:
+        async with open_process(probe, Collector()):
+            pass
+
+    assert str(run_error.value).endswith("Create it or fix 'command' in the config.")
+    assert str(probe_error.value).endswith(
+        "Create it or fix 'health.exec' in the config."
+    )
+
+
 def test_frozen_children_get_the_original_loader_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

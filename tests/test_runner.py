@@ -120,6 +120,48 @@ async def test_missing_run_script_fails_the_run_not_the_daemon(
     assert fine.status == RunStatus.SUCCEEDED
 
 
+async def test_missing_interpreter_is_the_run_reason(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    for name, first_line in (
+        ("absolute", "#!/nonexistent/interp"),
+        ("env", "#!/usr/bin/env nosuchprog"),
+    ):
+        script = tmp_path / name / "run.sh"
+        script.parent.mkdir()
+        script.write_text(f"{first_line}\necho never\n")
+        script.chmod(0o755)
+    config = f"""
+    [projects.absolute]
+    path = "{tmp_path / "absolute"}"
+    trigger = "manual"
+
+    [projects.env]
+    path = "{tmp_path / "env"}"
+    trigger = "manual"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("absolute")
+        (absolute,) = await daemon.wait_runs("absolute", 1)
+        daemon.manager.trigger("env")
+        (env,) = await daemon.wait_runs("env", 1)
+        env_log = daemon.log_lines("env", env.id)
+
+    assert absolute.status == RunStatus.FAILED
+    assert absolute.reason == (
+        "Cannot start './run.sh': the interpreter '/nonexistent/interp' named on "
+        "its first line was not found. Install it or fix the '#!' line."
+    )
+    # env itself starts, and reports the missing program in the run's stderr.
+    assert env.status == RunStatus.FAILED
+    assert env.exit_code == 127
+    assert env.reason == "exit code 127"
+    assert len(env_log) == 1
+    assert env_log[0][0] == "err"
+    assert "nosuchprog" in env_log[0][1]
+    assert "No such file or directory" in env_log[0][1]
+
+
 async def test_manual_overlap_skip_records_skipped_run(
     tmp_path: Path, fast_clock: MockClock
 ) -> None:
