@@ -264,6 +264,9 @@ class RunLog:
         self.path = path
         self.dropped_lines = 0
         """Output lines not written because of write errors."""
+        self.drop_error = ""
+        """The error of the first write that dropped lines, such as "No space
+        left on device"."""
         self._max_bytes = max_bytes
         self._backups = backups
         self._opener = opener
@@ -315,6 +318,13 @@ class RunLog:
                 self.path,
                 self.dropped_lines,
             )
+
+    def drop_note(self) -> str:
+        """Describe the dropped lines for the run's history, or return ""."""
+        if not self.dropped_lines:
+            return ""
+        lines = "line" if self.dropped_lines == 1 else "lines"
+        return f"{self.dropped_lines} log {lines} dropped: {self.drop_error}"
 
     def close(self) -> None:
         self._closed = True
@@ -385,6 +395,8 @@ class RunLog:
 
     def _record_failure(self, exc: OSError, lines: int) -> None:
         self.dropped_lines += lines
+        if lines and not self.drop_error:
+            self.drop_error = exc.strerror or str(exc)
         if self._failure_logged:
             return
         self._failure_logged = True

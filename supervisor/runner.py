@@ -658,6 +658,13 @@ class ProjectRunner:
             if record.status == RunStatus.RUNNING:
                 record.status = RunStatus.FAILED
                 record.reason = record.reason or "the run ended unexpectedly"
+            # The status stays what the exit says, but the history shows that
+            # the log is incomplete, such as on a full disk.
+            drop_note = run_log.drop_note()
+            if drop_note:
+                record.reason = (
+                    f"{record.reason}; {drop_note}" if record.reason else drop_note
+                )
             record.ended_at = utc_now(context.clock)
             context.store.put_run(record)
             self.last_run = record

@@ -18,6 +18,7 @@ Mounting needs root. Where mounting fails, those tests skip and say so.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sqlite3
 import subprocess
@@ -135,6 +136,9 @@ def test_log_disk_full_then_space_returns(tmp_path: Path, small_tmpfs: Path) -> 
                 == [("succeeded",)]
             )
         )
+        ((burst_reason,),) = query(
+            db, "SELECT reason FROM runs WHERE id = ?", [burst.run_id]
+        )
         time.sleep(0.5)
         assert is_alive(chatty_pid)
         size_while_full = chatty_log.stat().st_size
@@ -155,6 +159,9 @@ def test_log_disk_full_then_space_returns(tmp_path: Path, small_tmpfs: Path) -> 
     dropped = [line for line in log_text.splitlines() if "were not written" in line]
     assert len(dropped) == 2, dropped
     assert "Traceback" not in log_text
+    assert re.fullmatch(
+        r"exit code 0; \d+ log lines? dropped: No space left on device", burst_reason
+    ), burst_reason
     last_text = chatty_log.read_text().splitlines()[-1]
     assert " out line " in last_text
 

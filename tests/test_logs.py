@@ -445,6 +445,23 @@ def test_run_log_drops_lines_while_disk_is_full(
     assert any("works again" in r.getMessage() for r in caplog.records)
 
 
+def test_run_log_notes_dropped_lines(tmp_path: Path) -> None:
+    disk = SimulatedDisk()
+    run_log = RunLog(tmp_path / "1.log", max_bytes=0, backups=0, opener=disk.open)
+    run_log.write(Stream.OUT, ["kept"], 0.0)
+    note_before = run_log.drop_note()
+
+    disk.full = True
+    run_log.write(Stream.OUT, ["lost 1"], 0.0)
+    note_after_one = run_log.drop_note()
+    run_log.write(Stream.ERR, ["lost 2", "lost 3"], 0.0)
+    run_log.close()
+
+    assert note_before == ""
+    assert note_after_one == "1 log line dropped: No space left on device"
+    assert run_log.drop_note() == "3 log lines dropped: No space left on device"
+
+
 def test_run_log_ends_torn_record_after_partial_write(tmp_path: Path) -> None:
     disk = SimulatedDisk()
     path = tmp_path / "1.log"

@@ -162,6 +162,37 @@ async def test_missing_interpreter_is_the_run_reason(
     assert "No such file or directory" in env_log[0][1]
 
 
+async def test_dropped_log_lines_are_noted_in_history(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    project_folder(tmp_path, "quiet", "echo one; echo two >&2; echo three")
+    project_folder(tmp_path, "failing", "echo gone; exit 3")
+    # A file where the log folder belongs makes every log write fail.
+    logs = tmp_path / "data" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "quiet").write_text("")
+    (logs / "failing").write_text("")
+    config = f"""
+    [projects.quiet]
+    path = "{tmp_path / "quiet"}"
+    trigger = "manual"
+
+    [projects.failing]
+    path = "{tmp_path / "failing"}"
+    trigger = "manual"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("quiet")
+        (quiet,) = await daemon.wait_runs("quiet", 1)
+        daemon.manager.trigger("failing")
+        (failing,) = await daemon.wait_runs("failing", 1)
+
+    assert quiet.status == RunStatus.SUCCEEDED
+    assert quiet.reason == "exit code 0; 3 log lines dropped: Not a directory"
+    assert failing.status == RunStatus.FAILED
+    assert failing.reason == "exit code 3; 1 log line dropped: Not a directory"
+
+
 async def test_manual_overlap_skip_records_skipped_run(
     tmp_path: Path, fast_clock: MockClock
 ) -> None:
