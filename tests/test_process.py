@@ -317,3 +317,28 @@ def test_children_do_not_inherit_systemd_notify_socket(
     assert "NOTIFY_SOCKET" not in env
     assert "WATCHDOG_USEC" not in env
     assert env["PATH"] == os.environ["PATH"]
+
+
+async def test_tree_walk_finds_a_process_that_left_the_group(tmp_path: Path) -> None:
+    assert process.become_subreaper()
+    write_script(
+        tmp_path,
+        """
+        setsid bash -c 'exec -a t08-escaped sleep 1000' &
+        exec -a t08-leader sleep 1000
+        """,
+    )
+    markers = process.run_markers(tmp_path, "walker", 42)
+    env = process.child_environment(markers)
+    spec = ProcessSpec(command="./run.sh", cwd=tmp_path, env=env, markers=markers)
+    async with open_process(spec, Collector(), stop_timeout=1.0) as child:
+        with trio.fail_after(5):
+            while not marked_pids("t08-escaped"):
+                await trio.sleep(0.02)
+        (escaped,) = marked_pids("t08-escaped")
+        candidates = process.run_candidates(child.pid)
+        assert candidates is not None
+        assert escaped in candidates
+        assert child.escaped() == [escaped]
+        await child.stop(signal.SIGTERM, 1.0)
+    assert marked_pids("t08-") == []
