@@ -28,8 +28,10 @@ opening a fresh file at the same time cannot both apply it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import sqlite3
 import threading
 from collections import deque
@@ -168,6 +170,27 @@ def _event_row(event: RunEvent) -> Row:
     }
 
 
+def _make_private(path: Path) -> None:
+    """Create the database file with mode 0600, or narrow the mode of one
+    that an older version created 0644.
+
+    SQLite creates the -wal and -shm files with the mode of the database
+    file. Files of another user are left alone, so that a reader with
+    access keeps it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if companion.stat().st_uid == os.geteuid():
+                companion.chmod(0o600)
+
+
 class Database:
     """One SQLite connection to the runvisor database, safe to share between
     threads because every method holds the instance's lock. Create it with
@@ -191,6 +214,7 @@ class Database:
         """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _make_private(path)
             conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise _open_error(path, exc) from exc

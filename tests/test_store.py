@@ -10,7 +10,9 @@ rows as 10,000 single-row `Database.write_batch` calls took 1.6 s, and
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -94,6 +96,54 @@ def test_open_creates_folder_in_wal_mode(db_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """Use the common umask 022, which leaves new files readable by all."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_database_files_are_private(db_path: Path) -> None:
+    database = Database.open(db_path)
+    try:
+        database.write_batch([run(1)], [])
+        wal = db_path.with_name("runvisor.db-wal")
+        shm = db_path.with_name("runvisor.db-shm")
+
+        assert mode(db_path) == 0o600
+        assert mode(wal) == 0o600
+        assert mode(shm) == 0o600
+    finally:
+        database.close()
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_open_narrows_mode_of_old_database(db_path: Path) -> None:
+    Database.open(db_path).close()
+    # A second connection keeps the -wal and -shm files while the database
+    # opens again.
+    holder = sqlite3.connect(db_path)
+    try:
+        holder.execute("SELECT count(*) FROM runs").fetchone()
+        wal = db_path.with_name("runvisor.db-wal")
+        shm = db_path.with_name("runvisor.db-shm")
+        files = [db_path, wal, shm]
+        for path in files:
+            path.chmod(0o644)
+
+        Database.open(db_path).close()
+
+        assert [mode(path) for path in files] == [0o600] * 3
+    finally:
+        holder.close()
 
 
 def test_run_round_trips_every_field(db: Database) -> None:
