@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import __version__
+from supervisor.limits import MAX_HISTORY_LIMIT, MAX_NEXT_COUNT, MAX_RUN_ID, MAX_TAIL
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -126,13 +127,19 @@ def cmd_next(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     schedule = CronSchedule(project.cron, project.timezone)
-    after = datetime.fromisoformat(args.after) if args.after else datetime.now(UTC)
+    after = args.after or datetime.now(UTC)
     if after.tzinfo is None:
         after = after.replace(tzinfo=schedule.tzinfo)
-    if args.count < 1:
-        print("runvisor: the count N must be at least 1.", file=sys.stderr)
+    try:
+        times = schedule.next_times(after, args.count)
+    except OverflowError:
+        print(
+            f"runvisor: cannot list the fire times of {args.name!r} after "
+            f"{after.isoformat()}: they reach past the dates Python can hold "
+            "(years 1 to 9999). Give another --after or a smaller N.",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    times = schedule.next_times(after, args.count)
     if args.json:
         print_json(
             {
@@ -320,6 +327,36 @@ def _parse_since(text: str) -> Any:
     return parse_since(text)
 
 
+def _whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
+    """Return an argparse type that reads a whole number from `low` to
+    `high`; `what` names the number in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: {what} must be from {low:,} to {high:,}."
+            )
+        return value
+
+    return parse
+
+
+def _parse_after(text: str) -> Any:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time such as 2026-01-05T12:00 or "
+            "2026-01-05T12:00+01:00"
+        ) from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from supervisor.export.command import run_export
 
@@ -432,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="run history, newest first")
     _completes(history.add_argument("name", nargs="?"), PROJECT)
     history.add_argument(
-        "--limit", type=int, default=20, help="rows to show (default 20)"
+        "--limit",
+        type=_whole_number(1, MAX_HISTORY_LIMIT, "the number of rows"),
+        default=20,
+        help="rows to show (default 20)",
     )
     history.add_argument(
         "--status",
@@ -474,13 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
         "project, with RUN_ID until that run ends.",
     )
     _completes(logs.add_argument("name"), PROJECT)
-    _completes(logs.add_argument("run_id", nargs="?", type=int), RUN_ID)
+    _completes(
+        logs.add_argument(
+            "run_id", nargs="?", type=_whole_number(1, MAX_RUN_ID, "a run id")
+        ),
+        RUN_ID,
+    )
     logs.add_argument("-f", "--follow", action="store_true", help="follow live output")
     logs.add_argument(
         "--tail",
         metavar="N",
-        type=int,
-        help="only the last N stored lines (with -f the default is 10)",
+        type=_whole_number(0, MAX_TAIL, "the number of lines"),
+        help="only the last N stored lines; 0 prints none, so with -f only "
+        "new lines follow (with -f the default is 10)",
     )
     logs.add_argument("--json", action="store_true", help="print JSON lines")
     logs.set_defaults(handler=_control("cmd_logs"))
@@ -523,10 +569,19 @@ def build_parser() -> argparse.ArgumentParser:
     next_ = commands.add_parser("next", help="next fire times of a scheduled project")
     _completes(next_.add_argument("name"), PROJECT)
     next_.add_argument(
-        "count", metavar="N", nargs="?", type=int, default=5, help="default 5"
+        "count",
+        metavar="N",
+        nargs="?",
+        type=_whole_number(1, MAX_NEXT_COUNT, "the number of fire times"),
+        default=5,
+        help="default 5",
     )
     next_.add_argument(
-        "--after", metavar="TIME", help="ISO 8601 instant to list from (default: now)"
+        "--after",
+        metavar="TIME",
+        type=_parse_after,
+        help="ISO 8601 instant to list from, in the project's time zone when "
+        "it has no offset (default: now)",
     )
     next_.add_argument("--json", action="store_true", help="print one JSON document")
     next_.set_defaults(handler=cmd_next)

@@ -276,7 +276,12 @@ def parse_since(text: str) -> datetime:
         pass
     else:
         if seconds >= 0:
-            return now_utc() - timedelta(seconds=seconds)
+            try:
+                return now_utc() - timedelta(seconds=seconds)
+            except OverflowError:
+                raise argparse.ArgumentTypeError(
+                    f"{text} reaches back before the year 1: use a shorter duration"
+                ) from None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -285,7 +290,13 @@ def parse_since(text: str) -> datetime:
             "duration such as 30m, 2h or 7d"
         ) from None
     if moment.tzinfo is None:
-        moment = moment.astimezone()
+        try:
+            moment = moment.astimezone()
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: give a time from the year 2 to 9998 "
+                "or an offset such as +00:00"
+            ) from None
     return moment
 
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import struct
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from supervisor.errors import ProtocolError
+from supervisor.limits import MAX_HISTORY_LIMIT, MAX_RUN_ID, MAX_TAIL
 from supervisor.model import Event, ProjectStatus, RunRecord, RunStatus, Stream
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -35,6 +36,12 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 _HEADER = struct.Struct(">I")
 HEADER_BYTES = _HEADER.size
+
+# Numbers that reach SQLite or the log reader are bounded when a request is
+# decoded, so an out-of-range value is rejected as an invalid message.
+HistoryLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY_LIMIT)]
+RunId = Annotated[int, msgspec.Meta(ge=1, le=MAX_RUN_ID)]
+TailLines = Annotated[int, msgspec.Meta(ge=0, le=MAX_TAIL)]
 
 
 class _Message(msgspec.Struct, kw_only=True, tag_field="type"):
@@ -70,7 +77,7 @@ class HistoryRequest(_Message, tag="history"):
     """Runs, newest first. `since` is inclusive."""
 
     name: str | None = None
-    limit: int | None = 20
+    limit: HistoryLimit | None = 20
     status: RunStatus | None = None
     since: datetime | None = None
 
@@ -84,9 +91,9 @@ class LogsRequest(_Message, tag="logs"):
     """
 
     name: str
-    run_id: int | None = None
+    run_id: RunId | None = None
     follow: bool = False
-    tail: int | None = None
+    tail: TailLines | None = None
 
 
 class ConfigShowRequest(_Message, tag="config_show"):

@@ -22,6 +22,7 @@ import pexpect
 import pytest
 
 from supervisor.cli import main
+from supervisor.control import Client, RequestFailed
 from supervisor.model import (
     Health,
     ProjectState,
@@ -30,6 +31,12 @@ from supervisor.model import (
     RunStatus,
     RunTrigger,
     TriggerMode,
+)
+from supervisor.protocol import (
+    HistoryRequest,
+    LogsRequest,
+    StatusReply,
+    StatusRequest,
 )
 from supervisor.render import Style, render_status
 
@@ -291,6 +298,86 @@ def test_usage_error_exits_2(stopped: DaemonProcess) -> None:
     assert "neither a time" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["history", "--limit", "99999999999999999999999"],
+            "argument --limit: 99999999999999999999999 is out of range: the "
+            "number of rows must be from 1 to 1,000,000.",
+        ),
+        (["history", "--limit", "18446744073709551615"], "from 1 to 1,000,000"),
+        (["history", "--limit", "-1"], "-1 is out of range"),
+        (["history", "--since", "99999999d"], "reaches back before the year 1"),
+        (
+            ["logs", "hello", "--tail", "99999999999999999999999"],
+            "the number of lines must be from 0 to 1,000,000,000.",
+        ),
+        (["logs", "hello", "--tail", "-1"], "-1 is out of range"),
+        (
+            ["logs", "hello", "9223372036854775808"],
+            "a run id must be from 1 to 9,223,372,036,854,775,807.",
+        ),
+        (["next", "nightly", "1001"], "fire times must be from 1 to 1,000."),
+        (["next", "nightly", "--after", "yesterday"], "'yesterday' is not an ISO"),
+        (
+            ["next", "nightly", "--after", "9999-12-31T23:00"],
+            "reach past the dates Python can hold",
+        ),
+    ],
+)
+def test_out_of_range_values_are_usage_errors(
+    stopped: DaemonProcess,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    try:
+        code = main(["--config", str(stopped.config), *args])
+    except SystemExit as exit:
+        code = exit.code  # type: ignore[assignment]
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert message in err
+
+
+def test_daemon_rejects_out_of_range_requests(daemon: DaemonProcess) -> None:
+    requests = [
+        HistoryRequest(limit=2**64 - 1),
+        HistoryRequest(limit=0),
+        LogsRequest(name="hello", run_id=2**63),
+        LogsRequest(name="hello", tail=-1),
+    ]
+    for request in requests:
+        with (
+            Client.connect(daemon.socket) as client,
+            pytest.raises(RequestFailed) as info,
+        ):
+            client.request(request)
+        assert info.value.kind == "bad_request"
+        assert "Invalid message" in str(info.value)
+    with Client.connect(daemon.socket) as client:
+        assert isinstance(client.request(StatusRequest()), StatusReply)
+    log = daemon.log.read_text()
+    assert "Traceback" not in log
+    assert "internal error" not in log
+
+
+def test_too_long_socket_path_is_explained(
+    stopped: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    socket = f"/tmp/{'x' * 120}/control.sock"
+    config = stopped.config.read_text().replace(str(stopped.socket), socket)
+    stopped.config.write_text(config)
+    code, out, err = run(stopped, capsys, "status")
+    assert code == 1
+    assert out == ""
+    assert f"The control socket path {socket} is {len(socket)} bytes long" in err
+    assert "at most 107 bytes" in err
+
+
+# trigger, history, logs
 # trigger, history, logs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import typing
 from datetime import UTC, datetime
@@ -225,6 +226,24 @@ def test_unknown_tag_names_the_type() -> None:
 def test_missing_field_is_invalid() -> None:
     payload = msgspec.msgpack.encode({"type": "trigger", "id": 3})
     with pytest.raises(ProtocolError, match="missing required field `name`"):
+        decode_payload(payload)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"type": "history", "limit": 0}, "Expected `int` >= 1 - at `$.limit`"),
+        ({"type": "history", "limit": 2**64 - 1}, "<= 1000000 - at `$.limit`"),
+        ({"type": "logs", "name": "x", "run_id": 0}, ">= 1 - at `$.run_id`"),
+        ({"type": "logs", "name": "x", "run_id": 2**63}, "at `$.run_id`"),
+        ({"type": "logs", "name": "x", "tail": -1}, ">= 0 - at `$.tail`"),
+    ],
+)
+def test_out_of_range_numbers_are_invalid(
+    fields: dict[str, object], message: str
+) -> None:
+    payload = msgspec.msgpack.encode({"id": 3, **fields})
+    with pytest.raises(ProtocolError, match=re.escape(message)):
         decode_payload(payload)
 
 
