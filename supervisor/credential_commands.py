@@ -192,8 +192,15 @@ def get_credential(session: Session, args: argparse.Namespace) -> int:
             f"Credential {nickname!r} is not in the {backend.info.label}. "
             f"Add it with 'runvisor creds add {nickname}'."
         )
-    sys.stdout.buffer.write(value.encode())
-    sys.stdout.buffer.flush()
+    # The shell's stdout (prompt_toolkit's StdoutProxy) is text only.
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is not None:
+        binary.write(value.encode())
+        binary.flush()
+    else:
+        # A newline, so that the prompt follows on a line of its own.
+        sys.stdout.write(value + "\n")
+        sys.stdout.flush()
     return EXIT_OK
 
 

@@ -334,7 +334,25 @@ class Shell:
         return answer.strip().lower() in ("y", "yes")
 
     async def run_command(self, words: list[str]) -> int:
-        """Run one command line, split into words; return its exit code."""
+        """Run one command line, split into words; return its exit code.
+
+        An unexpected exception of the command ends only that command: the
+        shell prints one error line, logs the traceback at debug level and
+        reads the next line.
+        """
+        try:
+            return await self._run_command(words)
+        except Exception as error:
+            # The words are not logged: a rejected line may carry a secret.
+            logger.debug("the shell command %r failed", words[0], exc_info=True)
+            print(
+                f"runvisor: {words[0]!r} failed with an internal error: "
+                f"{type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+
+    async def _run_command(self, words: list[str]) -> int:
         if not words:
             return EXIT_OK
         name = words[0]

@@ -8,6 +8,7 @@ answer, so the tests set PROMPT_TOOLKIT_NO_CPR to skip the question.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import resource
@@ -25,7 +26,8 @@ import pytest
 
 from supervisor.cli import build_parser
 from supervisor.control import Client
-from supervisor.repl_completion import ShellCompleter
+from supervisor.repl import Shell
+from supervisor.repl_completion import ShellCompleter, subcommands
 from supervisor.store import Database
 
 from .daemon_process import DaemonProcess, runvisor_argv, wait_until
@@ -242,6 +244,56 @@ def test_history_kept_across_sessions(daemon: DaemonProcess) -> None:
         second.wait_for(lambda: prompt_row(second) == "runvisor> history --limit 1")
     finally:
         second.close()
+
+
+def test_creds_get_and_bad_numbers_keep_the_shell(tmp_path: Path) -> None:
+    secret = "shell-secret-42"
+    config = make_projects(tmp_path) + '\n[credentials]\nbackend = "file"\n'
+    daemon = DaemonProcess(tmp_path, config)
+    added = subprocess.run(
+        [*runvisor_argv(), "--config", str(daemon.config), "creds", "add", "tok"],
+        input=secret,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert added.returncode == 0, added.stderr
+    daemon.start()
+    terminal = Terminal(daemon, "shell")
+    try:
+        terminal.wait_text("runvisor>")
+        terminal.type("creds get tok\r")
+        terminal.wait_text(secret)
+        terminal.type("history --limit 99999999999999999999999999\r")
+        terminal.wait_text("the number of rows must be from 1 to 1,000,000")
+        terminal.type("status hello\r")
+        terminal.wait_for(lambda: terminal.plain_output().count("hello") >= 2)
+        assert terminal.child.isalive()
+        assert "Traceback" not in terminal.plain_output()
+    finally:
+        terminal.close()
+        daemon.stop()
+
+
+async def test_failing_command_prints_one_line(
+    stopped: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No command fails this way on purpose, so the test adds one that raises.
+    def fail(args: argparse.Namespace) -> int:
+        raise OverflowError("can't serialize ints")
+
+    shell = Shell(stopped.config, interactive=False)
+    commands = subcommands(shell.parser)
+    commands["version"].set_defaults(handler=fail)
+    code = await shell.run_command(["version"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert err == (
+        "runvisor: 'version' failed with an internal error: "
+        "OverflowError: can't serialize ints\n"
+    )
+    assert await shell.run_command(["watch", "off"]) == 0
 
 
 # Live output above the prompt
