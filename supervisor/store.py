@@ -175,8 +175,8 @@ def _make_private(path: Path) -> None:
     that an older version created 0644.
 
     SQLite creates the -wal and -shm files with the mode of the database
-    file. Files of another user are left alone, so that a reader with
-    access keeps it.
+    file. A file owned by another user keeps its mode, because opening
+    someone else's database to read it must not change their file.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
