@@ -18,6 +18,7 @@ import os
 import stat
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,16 @@ def parse_value(text: str) -> object:
         return text
 
 
-def set_value(path: Path, dotted_key: str, raw_value: str) -> ConfigChange:
+def set_value(
+    path: Path,
+    dotted_key: str,
+    raw_value: str,
+    before_write: Callable[[ConfigChange], None] | None = None,
+) -> ConfigChange:
     """Set `dotted_key` to `raw_value` in the config file at `path`.
+
+    `before_write` is called with the validated change before the file is
+    written, and may reject it by raising.
 
     Raises:
         ConfigError: the key does not name a project key or table, the
@@ -86,8 +95,11 @@ def set_value(path: Path, dotted_key: str, raw_value: str) -> ConfigChange:
                 *error.problems,
             ]
         ) from None
+    change = ConfigChange(path=path, key=dotted_key, old=old, new=value, config=config)
+    if before_write is not None:
+        before_write(change)
     write_atomically(real_path, new_text)
-    return ConfigChange(path=path, key=dotted_key, old=old, new=value, config=config)
+    return change
 
 
 def _locate(

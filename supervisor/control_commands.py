@@ -24,8 +24,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from supervisor.control import Client, locate_config, locate_socket
-from supervisor.errors import ControlError, DaemonNotRunning, UnknownProject
+from supervisor.control import (
+    Client,
+    DaemonPaths,
+    locate_config,
+    locate_daemon,
+    locate_socket,
+)
+from supervisor.errors import (
+    ConfigError,
+    ControlError,
+    DaemonNotRunning,
+    UnknownProject,
+)
 from supervisor.model import (
     CompletedEvent,
     LogEvent,
@@ -524,11 +535,18 @@ def cmd_config_set(args: argparse.Namespace) -> int:
     from supervisor.config_edit import set_value
 
     path = locate_config(args.config)
-    change = set_value(path, args.key, args.value)
+    before = locate_daemon(path)
+    change = set_value(
+        path,
+        args.key,
+        args.value,
+        before_write=lambda change: _check_daemon_paths(path, before, change),
+    )
     print(f"{path}: {change.key} = {_toml_value(change.new)}")
     try:
         client = connect(args)
     except DaemonNotRunning:
+        note(f"not reloaded: no daemon is running on {socket_path(args)}.")
         return EXIT_OK
     with client:
         status = expect(client.request(StatusRequest()), StatusReply)
@@ -540,6 +558,41 @@ def cmd_config_set(args: argparse.Namespace) -> int:
             return EXIT_OK
         reply = expect(client.request(ReloadRequest(), timeout=None), ReloadReply)
     return _print_reload(reply, as_json=False)
+
+
+def _check_daemon_paths(path: Path, before: DaemonPaths, change: Any) -> None:
+    """Reject a new socket or data dir while the daemon of `path` runs.
+
+    The daemon keeps both until it restarts, but clients would look for it
+    at the new socket at once, so it could no longer be reached.
+    """
+    runvisor = change.config.runvisor
+    after = DaemonPaths(socket=Path(runvisor.socket), data_dir=Path(runvisor.data_dir))
+    moved = [
+        key
+        for key, old, new in zip(DaemonPaths._fields, before, after, strict=True)
+        if old != new
+    ]
+    if not moved:
+        return
+    try:
+        client = Client.connect(before.socket)
+    except DaemonNotRunning:
+        return
+    with client:
+        status = expect(client.request(StatusRequest()), StatusReply)
+    if Path(status.daemon.config_path).resolve() != path.resolve():
+        return
+    key = f"runvisor.{moved[0]}"
+    raise ConfigError(
+        [
+            f"{key} cannot change while the daemon (pid {status.daemon.pid}) "
+            f"runs with {path}, because the daemon keeps its socket and data "
+            "dir until it restarts and the CLI would no longer find it. Stop "
+            "the daemon with 'runvisor shutdown', run this 'config set' again, "
+            f"then start it with 'runvisor serve'. {path} is unchanged."
+        ]
+    )
 
 
 def _toml_value(value: object) -> str:

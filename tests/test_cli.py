@@ -620,6 +620,40 @@ def test_config_set_keeps_comments_and_reloads(
     assert 'LEVEL = "debug"' in daemon.config.read_text()
 
 
+@pytest.mark.parametrize("key", ["runvisor.socket", "runvisor.data_dir"])
+def test_config_set_keeps_daemon_paths_while_it_runs(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str], key: str
+) -> None:
+    assert daemon.process is not None
+    before = daemon.config.read_bytes()
+    code, out, err = run(daemon, capsys, "config", "set", key, "elsewhere")
+    assert code == 1
+    assert out == ""
+    assert f"{key} cannot change while the daemon (pid {daemon.process.pid})" in err
+    assert "'runvisor shutdown'" in err
+    assert "'runvisor serve'" in err
+    assert daemon.config.read_bytes() == before
+
+    same = str(daemon.socket if key == "runvisor.socket" else daemon.data_dir)
+    code, out, err = run(daemon, capsys, "config", "set", key, same)
+    assert code == 0, err
+    assert "Reloaded:" in out
+    code, _, _ = run(daemon, capsys, "status")
+    assert code == 0
+
+
+def test_config_set_without_daemon_says_so(
+    stopped: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = stopped.root / "other.sock"
+    code, out, err = run(
+        stopped, capsys, "config", "set", "runvisor.socket", str(other)
+    )
+    assert code == 0
+    assert f'runvisor.socket = "{other}"' in out
+    assert err == f"runvisor: not reloaded: no daemon is running on {other}.\n"
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
