@@ -419,12 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"runvisor {__version__}"
     )
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="config file (default: $RUNVISOR_CONFIG, ./runvisor.toml, "
-        "or runvisor.toml in the user config dir)",
-    )
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
@@ -602,7 +597,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_creds_commands(commands)
     add_export_command(commands)
+    _accept_config_after(parser)
     return parser
+
+
+CONFIG_HELP = (
+    "config file (default: $RUNVISOR_CONFIG, ./runvisor.toml, or runvisor.toml "
+    "in the user config dir)"
+)
+
+
+def _accept_config_after(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` to every subcommand, so that it may follow the
+    command's name too (`runvisor serve --config PATH`).
+
+    Its default is SUPPRESS, so a subcommand without the option keeps the
+    value given before the command's name.
+    """
+    for action in parser._actions:  # argparse has no public API for this
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for command in action.choices.values():
+            if "--config" not in command._option_string_actions:
+                command.add_argument(
+                    "--config",
+                    metavar="PATH",
+                    default=argparse.SUPPRESS,
+                    help=CONFIG_HELP,
+                )
+            _accept_config_after(command)
 
 
 def run_handler(handler: Handler, args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ within a few seconds.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -21,8 +22,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from supervisor.cli import main
+from supervisor.cli import build_parser, main
 from supervisor.control import Client, RequestFailed
+from supervisor.errors import DaemonNotRunning
 from supervisor.model import (
     Health,
     ProjectState,
@@ -39,6 +41,7 @@ from supervisor.protocol import (
     StatusRequest,
 )
 from supervisor.render import Style, render_status
+from supervisor.repl_completion import subcommands
 
 from .daemon_process import DaemonProcess, LineReader, runvisor_argv, wait_until
 from .helpers import marked_pids, wait_until_gone, write_script
@@ -192,6 +195,104 @@ def test_status_is_fast_to_import(daemon: DaemonProcess) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
     )
     assert result.stdout.splitlines()[-1] == "heavy: [] code: 0"
+
+
+# --config before or after the command
+
+# Arguments that each command needs besides its name.
+COMMAND_ARGUMENTS = {
+    ("serve",): [],
+    ("config",): [],
+    ("config", "check"): [],
+    ("config", "show"): [],
+    ("config", "set"): ["web.restart", "never"],
+    ("status",): [],
+    ("history",): [],
+    ("trigger",): ["web"],
+    ("start",): ["web"],
+    ("stop",): ["web"],
+    ("restart",): ["web"],
+    ("logs",): ["web"],
+    ("reload",): [],
+    ("events",): [],
+    ("shutdown",): [],
+    ("shell",): [],
+    ("up",): [],
+    ("next",): ["web"],
+    ("version",): [],
+    ("creds",): [],
+    ("creds", "list"): [],
+    ("creds", "add"): ["key"],
+    ("creds", "update"): ["key"],
+    ("creds", "get"): ["key"],
+    ("creds", "delete"): ["key"],
+    ("creds", "backend"): [],
+    ("export",): ["systemd"],
+}
+
+
+def command_names(
+    parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
+    names = []
+    for name, command in subcommands(parser).items():
+        names.append((*prefix, name))
+        names += command_names(command, (*prefix, name))
+    return names
+
+
+def test_every_command_takes_config_before_and_after() -> None:
+    parser = build_parser()
+    assert sorted(command_names(parser)) == sorted(COMMAND_ARGUMENTS)
+    for words, arguments in COMMAND_ARGUMENTS.items():
+        if words in (("config",), ("creds",)):
+            arguments = ["check"] if words == ("config",) else ["list"]
+        argv = [*words, *arguments]
+        assert parser.parse_args(argv).config is None, words
+        before = parser.parse_args(["--config", "before.toml", *argv])
+        assert before.config == "before.toml", words
+        after = parser.parse_args([*words, "--config", "after.toml", *arguments])
+        assert after.config == "after.toml", words
+        last = parser.parse_args(["--config", "before.toml", *argv, "--config", "x"])
+        assert last.config == "x", words
+
+
+def test_serve_with_config_after_the_command(stopped: DaemonProcess) -> None:
+    config = str(stopped.config)
+    with stopped.log.open("ab") as log:
+        process = subprocess.Popen(
+            [*runvisor_argv(), "serve", "--config", config],
+            cwd=stopped.root,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    stopped.process = process
+
+    def answers() -> bool:
+        try:
+            Client.connect(stopped.socket).close()
+        except DaemonNotRunning:
+            return False
+        return True
+
+    wait_until(answers)
+    result = subprocess.run(
+        [*runvisor_argv(), "status", "nightly", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "scheduled" in result.stdout
+    shutdown = subprocess.run(
+        [*runvisor_argv(), "shutdown", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shutdown.returncode == 0, shutdown.stderr
+    assert process.wait(10) == 0
 
 
 # no daemon
