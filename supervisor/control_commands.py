@@ -74,6 +74,7 @@ from supervisor.render import (
     color_enabled,
     format_event,
     format_log_line,
+    is_terminal,
     local_time,
     now_utc,
     output_width,
@@ -146,7 +147,8 @@ def note(text: str) -> None:
 
 
 def _style() -> tuple[Style, int | None]:
-    return Style(color_enabled(sys.stdout)), output_width(sys.stdout)
+    style = Style(color_enabled(sys.stdout), escape=is_terminal(sys.stdout))
+    return style, output_width(sys.stdout)
 
 
 def _no_daemon_note(error: DaemonNotRunning, fallback: str) -> None:
@@ -389,7 +391,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 case SkippedReply(count=count):
                     note(f"{count} lines skipped: this client read too slowly.")
                 case EndReply(message=text) if text and not args.json:
-                    print(style.paint(f"-- {text}", "dim"))
+                    print(style.paint(f"-- {style.text(text)}", "dim"))
             sys.stdout.flush()
     return EXIT_OK
 
@@ -408,7 +410,7 @@ def _print_followed(event: Any, as_json: bool, style: Style) -> None:
             )
         )
     elif isinstance(event, CompletedEvent):
-        reason = f": {event.reason}" if event.reason else ""
+        reason = f": {style.text(event.reason)}" if event.reason else ""
         print(style.paint(f"-- run {event.run_id} {event.status}{reason}", "dim"))
 
 

@@ -3,7 +3,9 @@
 Colour is used only when the output stream is a terminal and `NO_COLOR` is
 unset or empty (https://no-color.org). Tables fit the terminal width when
 the output is a terminal; piped output is never cut, so scripts see whole
-values.
+values. On a terminal, control characters in text that comes from runs
+(output lines, reasons) are shown escaped, so a run cannot move the cursor
+or recolour the operator's terminal.
 
 This module imports only the standard library and the model, so that the
 `status` command starts fast.
@@ -76,6 +78,25 @@ def color_enabled(stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
+def is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+# C0 controls other than tab, DEL and the C1 controls (Unicode category Cc),
+# which terminals read as cursor movements, colours or other commands.
+_CONTROL_ESCAPES = {
+    code: f"\\x{code:02x}"
+    for code in (*range(0x20), *range(0x7F, 0xA0))
+    if code != ord("\t")
+}
+
+
+def escape_controls(text: str) -> str:
+    """Replace control characters other than tab by escapes such as `\\x1b`."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def output_width(stream: TextIO) -> int | None:
     """Return the terminal width to fit tables into, or None for piped output."""
     isatty = getattr(stream, "isatty", None)
@@ -87,6 +108,11 @@ def output_width(stream: TextIO) -> int | None:
 @dataclass(frozen=True)
 class Style:
     color: bool = False
+    escape: bool = False
+    """Escape control characters of run output and reasons (`text`)."""
+
+    def text(self, value: str) -> str:
+        return escape_controls(value) if self.escape else value
 
     def paint(self, text: str, color: str | None) -> str:
         if not self.color or color is None or not text:
@@ -117,6 +143,8 @@ def render_table(
     gap: int = 2,
 ) -> list[str]:
     """Lay out a table. With `width`, every line fits into it."""
+    if style.escape:
+        rows = [[(escape_controls(text), color) for text, color in row] for row in rows]
     keep = list(range(len(columns)))
     widths = [
         max([len(columns[i].title), *(len(row[i][0]) for row in rows)])
@@ -314,7 +342,7 @@ def format_log_line(
     """Format a log line: local time with milliseconds, stream, text."""
     stamp = style.paint(local_time(at, millis=True), "dim")
     label = style.paint(f"{stream:<3}", "red" if stream == Stream.ERR else "dim")
-    return f"{prefix}{stamp} {label} {text}"
+    return f"{prefix}{stamp} {label} {style.text(text)}"
 
 
 def format_event(event: Event, style: Style) -> str:
@@ -322,6 +350,7 @@ def format_event(event: Event, style: Style) -> str:
     stamp = style.paint(local_time(event.at, date=False), "dim")
     kind = event.__struct_config__.tag
     head = f"{stamp} {kind:<9}"
+    reason = style.text(getattr(event, "reason", ""))
     match event:
         case StartedEvent():
             body = (
@@ -331,22 +360,23 @@ def format_event(event: Event, style: Style) -> str:
         case CompletedEvent():
             status = style.paint(str(event.status), STATUS_COLORS.get(event.status))
             body = f"{event.project} run {event.run_id} {status}"
-            if event.reason:
-                body += f": {event.reason}"
+            if reason:
+                body += f": {reason}"
         case LogEvent():
-            body = f"{event.project} run {event.run_id} {event.stream}: {event.text}"
+            text = style.text(event.text)
+            body = f"{event.project} run {event.run_id} {event.stream}: {text}"
         case StateEvent():
             new = style.paint(str(event.new), STATE_COLORS.get(event.new))
             body = f"{event.project} {event.old} -> {new}"
-            if event.reason:
-                body += f": {event.reason}"
+            if reason:
+                body += f": {reason}"
         case HealthEvent():
             new = style.paint(str(event.new), HEALTH_COLORS.get(event.new))
             body = f"{event.project} {event.old} -> {new}"
-            if event.reason:
-                body += f": {event.reason}"
+            if reason:
+                body += f": {reason}"
         case ReloadEvent():
-            body = describe_reload_event(event)
+            body = style.text(describe_reload_event(event))
     return f"{head} {body}"
 
 

@@ -64,7 +64,13 @@ from supervisor.protocol import (
     SkippedReply,
     encode_frame,
 )
-from supervisor.render import Style, color_enabled, format_event, local_time
+from supervisor.render import (
+    Style,
+    color_enabled,
+    format_event,
+    is_terminal,
+    local_time,
+)
 from supervisor.repl_completion import (
     NOT_IN_SHELL,
     SHELL_COMMANDS,
@@ -507,7 +513,7 @@ class Shell:
                     on_subscribed()
 
     def _print_event(self, message: Any) -> None:
-        style = Style(color_enabled(sys.stdout))
+        style = Style(color_enabled(sys.stdout), escape=is_terminal(sys.stdout))
         if isinstance(message, SkippedReply):
             print(f"({message.count} events skipped: the shell read too slowly)")
             return
@@ -515,7 +521,7 @@ class Shell:
         if isinstance(event, LogEvent):
             if event.project in self.followed:
                 stamp = style.paint(local_time(event.at, date=False), "dim")
-                print(f"{stamp} {event.project} | {event.text}")
+                print(f"{stamp} {event.project} | {style.text(event.text)}")
             return
         if self.watch:
             print(format_event(event, style))

@@ -912,6 +912,49 @@ def test_colour_only_on_a_terminal(daemon: DaemonProcess) -> None:
     assert "\x1b" not in piped.stdout
 
 
+NOISY_OUTPUT = "red \x1b[31mtext\x1b[0m\x07 back\ttab"
+
+
+def test_control_characters_are_escaped_on_a_terminal(tmp_path: Path) -> None:
+    write_script(
+        tmp_path / "noisy", "printf 'red \\033[31mtext\\033[0m\\a back\\ttab\\n'"
+    )
+    daemon = DaemonProcess(
+        tmp_path,
+        f'[projects.noisy]\npath = "{tmp_path / "noisy"}"\ntrigger = "manual"\n',
+    ).start()
+    try:
+        assert daemon.cli("trigger", "noisy").returncode == 0
+        wait_until(lambda: "succeeded" in daemon.cli("history", "noisy").stdout)
+        argv = [*runvisor_argv(), "--config", str(daemon.config), "logs", "noisy"]
+        shown = pexpect.run(
+            argv[0], args=argv[1:], env={**os.environ, "NO_COLOR": "1"}, timeout=20
+        )
+        piped = daemon.cli("logs", "noisy")
+        as_json = daemon.cli("logs", "noisy", "--json")
+    finally:
+        daemon.stop()
+    assert b"out red \\x1b[31mtext\\x1b[0m\\x07 back\ttab\r\n" in shown
+    assert b"\x1b" not in shown
+    assert b"\x07" not in shown
+    assert piped.stdout.endswith(f" out {NOISY_OUTPUT}\n")
+    (line,) = [json.loads(text) for text in as_json.stdout.splitlines()]
+    assert line["text"] == NOISY_OUTPUT
+
+
+def test_status_reason_is_escaped() -> None:
+    status = ProjectStatus(
+        name="noisy",
+        trigger=TriggerMode.MANUAL,
+        state=ProjectState.EXITED,
+        reason="probe said \x1b[2Jcleared",
+    )
+    now = datetime(2026, 1, 5, 12, 5, tzinfo=UTC)
+    lines = render_status([status], now, Style(escape=True), 200)
+    assert lines[1].endswith("probe said \\x1b[2Jcleared")
+    assert "\x1b" not in "".join(lines)
+
+
 def example_status(index: int) -> ProjectStatus:
     at = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
     return ProjectStatus(

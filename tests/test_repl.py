@@ -328,6 +328,36 @@ def test_live_lines_never_break_the_typed_line(
     assert prompt_row(shell) == "runvisor>"
 
 
+def test_followed_output_is_escaped(tmp_path: Path) -> None:
+    write_script(tmp_path / "noisy", "printf 'red \\033[31mtext\\033[2J\\n'")
+    daemon = DaemonProcess(
+        tmp_path,
+        f'[projects.noisy]\npath = "{tmp_path / "noisy"}"\ntrigger = "manual"\n',
+    ).start()
+    terminal = Terminal(daemon, "shell")
+    try:
+        terminal.wait_text("runvisor>")
+        terminal.type("follow noisy\r")
+        terminal.wait_text("Following the output of 'noisy'")
+        shown = "noisy | red \\x1b[31mtext\\x1b[2J"
+        # The shell subscribes anew after 'follow', so a run that starts
+        # before that is not followed: trigger until one is.
+        for _ in range(10):
+            assert daemon.cli("trigger", "noisy").returncode == 0
+            try:
+                terminal.wait_text(shown, timeout=1.0)
+                break
+            except AssertionError:
+                continue
+        terminal.wait_text(shown, timeout=0.1)
+        terminal.wait_text(" completed noisy run ")
+    finally:
+        terminal.close()
+        daemon.stop()
+    assert b"\x1b[31mtext" not in terminal.raw
+    assert b"\x1b[2J" not in terminal.raw
+
+
 def test_events_print_above_the_prompt(shell: Terminal, daemon: DaemonProcess) -> None:
     shell.type("trig")
     assert daemon.cli("trigger", "hello").returncode == 0
