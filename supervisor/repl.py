@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -549,13 +550,44 @@ def _split(line: str) -> list[str] | None:
         return None
 
 
+# `NAME.env.VAR.value` as a key, or `{ value = ... }` as the value of an
+# env key: the two ways a `config set` line can carry a secret literal.
+_SECRET_KEY = re.compile(r"\.env\.\S*\bvalue\b")
+_ENV_KEY = re.compile(r"\.env\.")
+_SECRET_TABLE = re.compile(r"\bvalue\s*=")
+
+
+def carries_secret(line: str) -> bool:
+    """Tell whether a shell line assigns a secret literal of an env mapping.
+
+    `config set` rejects such a line, and the shell keeps it out of its
+    history, whether it was valid or not.
+    """
+    if _SECRET_KEY.search(line):
+        return True
+    return bool(_ENV_KEY.search(line) and _SECRET_TABLE.search(line))
+
+
+class _FileHistoryWithoutSecrets(FileHistory):
+    def append_string(self, string: str) -> None:
+        if not carries_secret(string):
+            super().append_string(string)
+
+
+class _MemoryHistoryWithoutSecrets(InMemoryHistory):
+    def append_string(self, string: str) -> None:
+        if not carries_secret(string):
+            super().append_string(string)
+
+
 def _open_history(data_dir: Path) -> FileHistory | InMemoryHistory:
-    """History of past sessions, in the data dir, readable by the user only."""
+    """History of past sessions, in the data dir, readable by the user only.
+    Lines that carry a secret are left out."""
     path = data_dir / HISTORY_FILE
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     except OSError as error:
         logger.warning("cannot keep the shell history in %s: %s", path, error)
-        return InMemoryHistory()
-    return FileHistory(os.fspath(path))
+        return _MemoryHistoryWithoutSecrets()
+    return _FileHistoryWithoutSecrets(os.fspath(path))

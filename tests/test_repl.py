@@ -26,7 +26,7 @@ import pytest
 
 from supervisor.cli import build_parser
 from supervisor.control import Client
-from supervisor.repl import Shell
+from supervisor.repl import Shell, carries_secret
 from supervisor.repl_completion import ShellCompleter, subcommands
 from supervisor.store import Database
 
@@ -294,6 +294,41 @@ async def test_failing_command_prints_one_line(
         "OverflowError: can't serialize ints\n"
     )
     assert await shell.run_command(["watch", "off"]) == 0
+
+
+def test_lines_with_secrets_stay_out_of_history(
+    shell: Terminal, daemon: DaemonProcess
+) -> None:
+    shell.type("config set hello.env.TOKEN.value hidden-value-1\r")
+    shell.wait_text("is a secret literal")
+    shell.type("config set hello.env.TOKEN \"{ value = 'hidden-value-2' }\"\r")
+    shell.wait_for(lambda: shell.plain_output().count("is a secret literal") == 2)
+    shell.type("config set hello.env.LEVEL debug\r")
+    shell.wait_text("Reloaded:")
+    shell.type("\x04")
+    assert shell.wait_exit() == 0
+    path = daemon.data_dir / "shell_history"
+    history = path.read_text()
+    assert "hello.env.LEVEL debug" in history
+    assert "hidden-value" not in history
+    assert "TOKEN" not in history
+
+
+@pytest.mark.parametrize(
+    ("line", "secret"),
+    [
+        ("config set web.env.TOKEN.value abc", True),
+        ("config set web.env.TOKEN.'value' abc", True),
+        ("config set web.env.TOKEN '{ value = \"abc\" }'", True),
+        ("config set web.env.TOKEN {value='abc'}", True),
+        ("config set web.env.LEVEL debug", False),
+        ("config set web.env.MY_VALUE x", False),
+        ("config set web.restart never", False),
+        ("history --limit 3", False),
+    ],
+)
+def test_carries_secret(line: str, secret: bool) -> None:
+    assert carries_secret(line) is secret
 
 
 # Live output above the prompt
