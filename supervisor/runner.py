@@ -312,7 +312,9 @@ class ProjectRunner:
             run_id=current.record.id if current else None,
             started_at=current.record.started_at if current else None,
             restarts=self.tracker.restarts,
-            last_run=self.last_run,
+            # The current run is the latest one; `last_run` is the latest
+            # that ended.
+            last_run=current.record if current else self.last_run,
             next_fire=self.next_fire,
         )
 

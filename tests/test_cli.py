@@ -560,6 +560,26 @@ def test_stop_start_restart(
     assert [run["reason"] for run in runs] == ["stopped by user"] * 2
 
 
+def test_status_last_run_is_the_current_run(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = wait_until(lambda: project_state(daemon, capsys, "ticker")["run_id"])
+    code, _, _ = run(daemon, capsys, "restart", "ticker")
+    assert code == 0
+
+    def new_run_id() -> int | None:
+        run_id: int | None = project_state(daemon, capsys, "ticker")["run_id"]
+        return None if run_id == first else run_id
+
+    second = wait_until(new_run_id)
+    ticker = project_state(daemon, capsys, "ticker")
+    assert ticker["last_run"]["id"] == second
+    assert ticker["last_run"]["status"] == "running"
+    code, out, _ = run(daemon, capsys, "status", "ticker")
+    assert code == 0
+    assert f"#{second} running" in out
+
+
 def test_logs_follow_across_restarts(daemon: DaemonProcess) -> None:
     wait_until(lambda: marked_pids("e2e-cli-ticker"))
     follower = daemon.popen("logs", "ticker", "-f")
