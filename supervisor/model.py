@@ -205,3 +205,6 @@ class ProjectStatus(msgspec.Struct, kw_only=True):
     restarts: int = 0
     last_run: RunRecord | None = None
     next_fire: datetime | None = None
+    has_probe: bool = False
+    """Whether the project has a health probe; without one `health` stays
+    unknown."""

@@ -269,9 +269,7 @@ def render_status(
         uptime = "-"
         if project.started_at is not None and project.pid is not None:
             uptime = format_span((now - project.started_at).total_seconds())
-        health = "-"
-        if project.trigger == TriggerMode.ALWAYS_RUNNING:
-            health = str(project.health)
+        health = str(project.health) if project.has_probe else "-"
         rows.append(
             [
                 (project.name, None),

@@ -274,7 +274,16 @@ class ProjectRunner:
 
     async def restart(self) -> TriggerResult:
         await self.stop()
-        return self.start()
+        result = self.start()
+        if result.outcome != TriggerOutcome.STARTED:
+            return result
+        if self.mode == TriggerMode.ALWAYS_RUNNING:
+            message = f"Restarting project {self.name!r}."
+        elif self.mode == TriggerMode.SCHEDULE:
+            message = f"Restarted the schedule of {self.name!r}."
+        else:
+            return result  # a manual project's new run: "Started run N ..."
+        return TriggerResult(result.outcome, result.run_id, message)
 
     def update_project(self, project: ProjectConfig) -> None:
         """Apply a changed config to a manual or scheduled project in place.
@@ -312,6 +321,7 @@ class ProjectRunner:
             run_id=current.record.id if current else None,
             started_at=current.record.started_at if current else None,
             restarts=self.tracker.restarts,
+            has_probe=self.project.health is not None,
             # The current run is the latest one; `last_run` is the latest
             # that ended.
             last_run=current.record if current else self.last_run,

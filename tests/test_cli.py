@@ -580,6 +580,40 @@ def test_status_last_run_is_the_current_run(
     assert f"#{second} running" in out
 
 
+def test_restart_says_restarting(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wait_until(lambda: project_state(daemon, capsys, "ticker")["pid"])
+    code, out, _ = run(daemon, capsys, "restart", "ticker")
+    assert code == 0
+    assert out == "Restarting project 'ticker'.\n"
+    code, out, _ = run(daemon, capsys, "restart", "nightly")
+    assert code == 0
+    assert out == "Restarted the schedule of 'nightly'.\n"
+
+
+def test_health_without_probe_is_a_dash(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wait_until(lambda: project_state(daemon, capsys, "ticker")["pid"])
+    code, out, _ = run(daemon, capsys, "status")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["ticker"][3] == "-"
+    assert project_state(daemon, capsys, "ticker")["has_probe"] is False
+
+    probed = ProjectStatus(
+        name="web",
+        trigger=TriggerMode.ALWAYS_RUNNING,
+        state=ProjectState.RUNNING,
+        health=Health.HEALTHY,
+        has_probe=True,
+    )
+    now = datetime(2026, 1, 5, 12, 5, tzinfo=UTC)
+    (_, row) = render_status([probed], now, Style(), None)
+    assert row.split()[3] == "healthy"
+
+
 def test_logs_follow_across_restarts(daemon: DaemonProcess) -> None:
     wait_until(lambda: marked_pids("e2e-cli-ticker"))
     follower = daemon.popen("logs", "ticker", "-f")
