@@ -77,6 +77,7 @@ from supervisor.repl_completion import (
     SHELL_COMMANDS,
     ShellCompleter,
     command_table,
+    subcommands,
 )
 
 if TYPE_CHECKING:
@@ -368,6 +369,12 @@ class Shell:
         if name in NOT_IN_SHELL:
             print(f"'{name}' is not available inside the shell.", file=sys.stderr)
             return EXIT_FAILED
+        if name not in subcommands(self.parser):
+            print(
+                f"Unknown command {name!r}. Type 'help' to list the commands.",
+                file=sys.stderr,
+            )
+            return 2
         args = self._parse(words)
         if args is None:
             return 2

@@ -482,6 +482,22 @@ def test_piped_commands_run_and_exit(daemon: DaemonProcess) -> None:
     assert "terminal" not in result.stderr
 
 
+def test_unknown_command_is_one_line(daemon: DaemonProcess) -> None:
+    result = subprocess.run(
+        [*runvisor_argv(), "--config", str(daemon.config), "shell"],
+        input="frobnicate now\n--json\nstatus hello\n",
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [
+        "Unknown command 'frobnicate'. Type 'help' to list the commands.",
+        "Unknown command '--json'. Type 'help' to list the commands.",
+    ]
+    assert "hello" in result.stdout
+
+
 def test_dev_null_stdin_exits_at_once(daemon: DaemonProcess) -> None:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
