@@ -177,13 +177,26 @@ def _make_private(path: Path) -> None:
     SQLite creates the -wal and -shm files with the mode of the database
     file. A file owned by another user keeps its mode, because opening
     someone else's database to read it must not change their file.
+
+    An existing file is never opened here: closing any descriptor of a file
+    releases every POSIX lock that this process holds on it, including
+    those of SQLite connections already open on it (the Store opens its
+    reader while its writer is open). Another process's connection then
+    takes the database for unused, checkpoints and resets the WAL, and rows
+    that this process committed are lost.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        if os.fstat(fd).st_uid == os.geteuid():
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        if path.stat().st_uid == os.geteuid():
+            path.chmod(0o600)
+    else:
+        try:
+            # The creation mode was filtered by the umask; make it exact.
             os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        finally:
+            os.close(fd)
     for suffix in ("-wal", "-shm"):
         companion = path.with_name(path.name + suffix)
         with contextlib.suppress(FileNotFoundError):
