@@ -128,13 +128,20 @@ def test_requests_with_escaping_names_get_clean_errors(tmp_path: Path) -> None:
                 ):
                     client.request(request, timeout=5)
                 kinds.append(caught.value.kind)
-        # A run id of another project, and ids that do not exist.
-        for run_id in (getattr(other, "run_id", None), -1, 2**62):
+        # A run id of another project, one that does not exist, and one
+        # that no run can have.
+        for run_id in (getattr(other, "run_id", None), 2**62):
             with (
                 Client.connect(socket_file) as client,
                 pytest.raises(RequestFailed, match="has no run"),
             ):
                 client.request(LogsRequest(name="web", run_id=run_id), timeout=5)
+        with (
+            Client.connect(socket_file) as client,
+            pytest.raises(RequestFailed) as caught,
+        ):
+            client.request(LogsRequest(name="web", run_id=-1), timeout=5)
+        assert caught.value.kind == ErrorKind.BAD_REQUEST
         assert daemon.stop() == 0
         log_text = daemon.log_text()
 
