@@ -339,8 +339,8 @@ def _history_offline(
     args: argparse.Namespace, status: RunStatus | None
 ) -> list[RunRecord]:
     config = _load_config(args)
-    if args.name is not None and args.name not in config.projects:
-        raise UnknownProject(args.name)
+    if args.name is not None:
+        _check_offline_project(config, args.name)
 
     def read(database: Any) -> list[RunRecord]:
         runs: list[RunRecord] = database.history(
@@ -350,6 +350,19 @@ def _history_offline(
 
     result: list[RunRecord] = _read_database(config, read, [])
     return result
+
+
+def _check_offline_project(config: Any, name: str) -> None:
+    """Accept a project of the config, or one that left it but still has
+    runs in the store.
+
+    Raises:
+        UnknownProject: the project is in neither.
+    """
+    if name in config.projects:
+        return
+    if not _read_database(config, lambda database: database.history(name, limit=1), []):
+        raise UnknownProject(name)
 
 
 # logs
@@ -418,8 +431,7 @@ def _logs_offline(args: argparse.Namespace) -> int:
     from supervisor.logs import read_run_log, run_log_path
 
     config = _load_config(args)
-    if args.name not in config.projects:
-        raise UnknownProject(args.name)
+    _check_offline_project(config, args.name)
     run_id = args.run_id
     if run_id is None:
         runs = _read_database(

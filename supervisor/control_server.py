@@ -308,7 +308,7 @@ class ControlServer:
         daemon = self.daemon
         assert daemon.manager is not None and daemon.store is not None
         if request.name is not None:
-            daemon.manager.runner(request.name)
+            await self._runner_or_history(request.name)
         with trio.move_on_after(2):
             await daemon.store.flush()
         runs = await daemon.store.history(
@@ -430,23 +430,30 @@ class ControlServer:
     async def _logs(self, connection: _Connection, request: LogsRequest) -> None:
         manager = self.daemon.manager
         assert manager is not None
-        runner = manager.runner(request.name)
+        runner = await self._runner_or_history(request.name)
         run_id = request.run_id
         if run_id is None:
-            run_id = await self._latest_run_id(runner)
+            run_id = await self._latest_run_id(request.name, runner)
         else:
             await self._check_run(request.name, run_id)
         logs_dir = manager.context.logs_dir
         path = None if run_id is None else run_log_path(logs_dir, request.name, run_id)
+        tail = request.tail
+        if request.follow and tail is None:
+            tail = FOLLOW_TAIL
 
-        if not request.follow:
+        if not request.follow or runner is None:
             records = []
             if path is not None:
-                records = await trio.to_thread.run_sync(
-                    read_run_log, path, request.tail
-                )
+                records = await trio.to_thread.run_sync(read_run_log, path, tail)
             await _send_lines(connection, request, run_id, records)
-            await connection.send(EndReply(id=request.id))
+            end_message = ""
+            if request.follow:
+                end_message = (
+                    f"Project {request.name!r} is no longer in the config, so no "
+                    "new output follows."
+                )
+            await connection.send(EndReply(id=request.id, message=end_message))
             return
 
         one_run = request.run_id is not None
@@ -464,7 +471,6 @@ class ControlServer:
             # checkpoint in between, so each line is sent once: earlier lines
             # are in the file and later ones arrive in the queue. `tail`
             # bounds this read, which blocks the event loop.
-            tail = FOLLOW_TAIL if request.tail is None else request.tail
             records = [] if path is None else read_run_log(path, tail)
             ended = one_run and run_id not in runner.runs
             await _send_lines(connection, request, run_id, records)
@@ -486,14 +492,35 @@ class ControlServer:
 
             await _stream(connection, push_lines)
 
-    async def _latest_run_id(self, runner: ProjectRunner) -> int | None:
-        status = runner.status()
-        if status.run_id is not None:
-            return status.run_id
-        if runner.last_run is not None:
-            return runner.last_run.id
+    async def _runner_or_history(self, name: str) -> ProjectRunner | None:
+        """Return the runner of `name`, or None for a project that left the
+        config but still has runs in the store.
+
+        Raises:
+            UnknownProject: the project is in neither.
+        """
+        assert self.daemon.manager is not None and self.daemon.store is not None
+        try:
+            return self.daemon.manager.runner(name)
+        except UnknownProject:
+            pass
+        with trio.move_on_after(2):
+            await self.daemon.store.flush()
+        if not await self.daemon.store.history(name, limit=1):
+            raise UnknownProject(name) from None
+        return None
+
+    async def _latest_run_id(
+        self, name: str, runner: ProjectRunner | None
+    ) -> int | None:
+        if runner is not None:
+            status = runner.status()
+            if status.run_id is not None:
+                return status.run_id
+            if runner.last_run is not None:
+                return runner.last_run.id
         assert self.daemon.store is not None
-        runs = await self.daemon.store.history(runner.name, limit=1)
+        runs = await self.daemon.store.history(name, limit=1)
         return runs[0].id if runs else None
 
     async def _check_run(self, name: str, run_id: int) -> None:

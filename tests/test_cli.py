@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -534,6 +535,46 @@ def test_trigger_history_and_logs(
     code, _, err = run(daemon, capsys, "logs", "hello", "999")
     assert code == 1
     assert "has no run 999" in err
+
+
+def test_history_and_logs_of_a_removed_project(
+    daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(daemon, capsys, "trigger", "hello")
+    run_id = int(out.split()[2])
+    wait_until(lambda: finished_runs(daemon, capsys, "hello"))
+    text = daemon.config.read_text()
+    without_hello = re.sub(r"\[projects\.hello\]\n(?:[^\[\n#][^\n]*\n)*", "", text)
+    assert "hello" not in without_hello
+    daemon.config.write_text(without_hello)
+    code, out, _ = run(daemon, capsys, "reload")
+    assert code == 0
+    assert "stop     hello" in out
+
+    def check_history_and_logs() -> None:
+        code, out, err = run(daemon, capsys, "history", "hello", "--json")
+        assert code == 0, err
+        assert [record["id"] for record in json.loads(out)] == [run_id]
+        code, out, err = run(daemon, capsys, "logs", "hello")
+        assert code == 0, err
+        assert f"hi from run {run_id}" in out
+        code, _, err = run(daemon, capsys, "history", "nope")
+        assert code == 1
+        assert "'nope' is not in the config" in err
+        code, _, err = run(daemon, capsys, "logs", "nope")
+        assert code == 1
+        assert "'nope' is not in the config" in err
+
+    check_history_and_logs()
+    code, out, _ = run(daemon, capsys, "logs", "hello", "-f")
+    assert code == 0
+    assert f"hi from run {run_id}" in out
+    assert out.endswith(
+        "-- Project 'hello' is no longer in the config, so no new output follows.\n"
+    )
+
+    daemon.stop()
+    check_history_and_logs()
 
 
 def test_stop_start_restart(
