@@ -85,7 +85,7 @@ def locate_config(cli_value: str | None) -> Path:
 
 
 class DaemonPaths(NamedTuple):
-    """Where the daemon of a config listens, and where it keeps its data."""
+    """The control socket and the data dir of the daemon of a config."""
 
     socket: Path
     data_dir: Path

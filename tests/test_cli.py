@@ -27,12 +27,15 @@ from supervisor.cli import build_parser, main
 from supervisor.control import Client, RequestFailed
 from supervisor.errors import DaemonNotRunning
 from supervisor.model import (
+    CompletedEvent,
     Health,
+    LogEvent,
     ProjectState,
     ProjectStatus,
     RunRecord,
     RunStatus,
     RunTrigger,
+    Stream,
     TriggerMode,
 )
 from supervisor.protocol import (
@@ -41,7 +44,7 @@ from supervisor.protocol import (
     StatusReply,
     StatusRequest,
 )
-from supervisor.render import Style, render_status
+from supervisor.render import Style, format_event, render_status
 from supervisor.repl_completion import subcommands
 
 from .daemon_process import DaemonProcess, LineReader, runvisor_argv, wait_until
@@ -1048,6 +1051,25 @@ def test_status_reason_is_escaped() -> None:
     lines = render_status([status], now, Style(escape=True), 200)
     assert lines[1].endswith("probe said \\x1b[2Jcleared")
     assert "\x1b" not in "".join(lines)
+
+
+def test_event_lines_are_escaped() -> None:
+    at = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+    line = LogEvent(project="noisy", run_id=3, stream=Stream.OUT, text="\x1b[2J", at=at)
+    completed = CompletedEvent(
+        project="noisy",
+        run_id=3,
+        status=RunStatus.FAILED,
+        exit_code=1,
+        signal=None,
+        reason="probe output \r\x1b[1A",
+        at=at,
+    )
+    assert format_event(line, Style(escape=True)).endswith(" out: \\x1b[2J")
+    assert format_event(completed, Style(escape=True)).endswith(
+        "failed: probe output \\x0d\\x1b[1A"
+    )
+    assert format_event(line, Style()).endswith(" out: \x1b[2J")
 
 
 def example_status(index: int) -> ProjectStatus:
