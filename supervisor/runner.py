@@ -9,9 +9,9 @@ happens in this task tree, so no lock guards the state.
   the `overlap` policy.
 - schedule: the cron loop of `scheduler.run_schedule` calls `fire`, which
   follows the same overlap policy.
-- always_running: a supervise loop starts the run, and after each exit asks
-  the restart tracker whether to restart, after which backoff delay, or to
-  give up.
+- always_running: a supervise loop starts the run. After each exit, the
+  restart tracker decides whether to restart it, after which backoff delay,
+  or to give up.
 
 A stop requested by a person sets the run's `stop_reason` before cancelling
 its scope, so the exit it causes is recorded as `stopped` and never reaches
@@ -101,7 +101,7 @@ class TriggerResult:
 
 @dataclass
 class RuntimeContext:
-    """What every runner shares: store, live events, settings and clocks."""
+    """Services shared by every runner: store, live events, settings, clocks."""
 
     store: Store
     hub: Hub
