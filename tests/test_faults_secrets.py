@@ -5,11 +5,11 @@ Secrets go everywhere they can: credentials from the encrypted file store
 a reload, output that prints them on stdout and stderr, a health probe that
 prints them, a run that times out while printing them, and a lookup of a
 credential that does not exist. Then everything runvisor wrote or sent is
-searched for the values: the data dir (database, WAL, logs, credential
-files), the daemon's own log, the live event stream, what the CLI printed
-(status, history, logs, config show, exports), the command lines of every
-process of every run, and the environments of the runs for the store's
-key. No value may appear.
+searched for the values. That is the data dir (database, WAL, logs,
+credential files), the daemon's own log, the live event stream, what the
+CLI printed (status, history, logs, config show, exports) and the command
+lines of every process of every run. The environments of the runs are
+searched for the store's key. No value may appear.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Wall-clock steps under the in-process daemon.
 
 The daemon runs on trio's MockClock with a `TrioWallClock`, whose `jump`
-steps the wall clock like an NTP correction or a resume from suspend (the
+steps the wall clock like an NTP correction or a resume from suspend. The
 monotonic clock does not count a suspend, so a suspend is a forward step of
-the wall clock alone). Promises:
+the wall clock alone. Promises:
 
 - a forward step over many fire times runs one catch-up, for the latest,
   and the schedule then goes on every minute,
