@@ -28,7 +28,6 @@ import tomllib
 from pathlib import Path
 
 import msgspec
-import platformdirs
 
 from supervisor.config_checks import MODE_KEYS, check_tables
 from supervisor.config_schema import (
@@ -46,6 +45,9 @@ from supervisor.config_schema import (
 from supervisor.config_values import Problems
 from supervisor.errors import ConfigError
 from supervisor.model import TriggerMode
+from supervisor.paths import (
+    find_config_path,
+)
 from supervisor.toml_lines import KeyLines
 from supervisor.units import format_duration, format_size, parse_duration, parse_size
 
@@ -73,8 +75,6 @@ __all__ = [
     "parse_size",
 ]
 
-CONFIG_ENV_VARIABLE = "RUNVISOR_CONFIG"
-CONFIG_FILE_NAME = "runvisor.toml"
 
 # Secrets shorter than this are not masked in output, because masking every
 # occurrence of a 1 to 3 character string would blank out ordinary text.
@@ -84,33 +84,6 @@ MIN_MASKED_SECRET_LENGTH = 4
 _MAX_SOCKET_PATH_BYTES = 107
 
 _SYNTAX_ERROR_LINE = re.compile(r"at line (\d+), column \d+")
-
-
-# Not platformdirs.site_config_dir, which follows $XDG_CONFIG_DIRS and
-# gives /etc/xdg/runvisor: the unit and the install script use /etc/runvisor.
-SYSTEM_CONFIG_DIR = Path("/etc/runvisor")
-
-
-def find_config_path(cli_value: str | None) -> Path:
-    """Return the config file to use, as an absolute path.
-
-    The order is `--config PATH`, then `$RUNVISOR_CONFIG`, then
-    `./runvisor.toml` when it exists, then `runvisor.toml` in the user config
-    dir, then the system one (`/etc/runvisor/runvisor.toml`, where the
-    install script puts the service's config) when only that one exists.
-    The returned file may not exist.
-    """
-    for chosen in (cli_value, os.environ.get(CONFIG_ENV_VARIABLE)):
-        if chosen:
-            return Path(os.path.abspath(os.path.expanduser(chosen)))
-    local = Path(CONFIG_FILE_NAME)
-    if local.is_file():
-        return local.absolute()
-    user = Path(platformdirs.user_config_dir("runvisor")) / CONFIG_FILE_NAME
-    system = SYSTEM_CONFIG_DIR / CONFIG_FILE_NAME
-    if not user.is_file() and system.is_file():
-        return system
-    return user
 
 
 def load_config(path: Path) -> Config:

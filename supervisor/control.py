@@ -32,6 +32,7 @@ from supervisor.errors import (
     DaemonNotRunning,
     ProtocolError,
 )
+from supervisor.paths import find_config_path
 from supervisor.protocol import (
     EndReply,
     ErrorKind,
@@ -71,17 +72,8 @@ class Interrupted(Exception):
 
 
 def locate_config(cli_value: str | None) -> Path:
-    """Return the config file to use, by the rules of
-    `config.find_config_path`, without importing the config loader."""
-    for chosen in (cli_value, os.environ.get("RUNVISOR_CONFIG")):
-        if chosen:
-            return Path(os.path.abspath(os.path.expanduser(chosen)))
-    local = Path("runvisor.toml")
-    if local.is_file():
-        return local.absolute()
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir("runvisor")) / "runvisor.toml"
+    """Return the config file to use, by `paths.find_config_path`."""
+    return find_config_path(cli_value)
 
 
 class DaemonPaths(NamedTuple):

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor import config, config_checks, config_values
+from supervisor import config_checks, config_values, paths
 from supervisor.config import (
     Backoff,
     Config,
@@ -472,7 +472,7 @@ def test_find_config_falls_back_to_user_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config, "SYSTEM_CONFIG_DIR", tmp_path / "etc-runvisor")
+    monkeypatch.setattr(paths, "SYSTEM_CONFIG_DIR", tmp_path / "etc-runvisor")
 
     expected = tmp_path / "xdg-config" / "runvisor" / "runvisor.toml"
     assert find_config_path(None) == expected
@@ -485,7 +485,7 @@ def test_find_config_uses_system_file_when_user_has_none(
     system_dir = tmp_path / "etc-runvisor"
     system_dir.mkdir()
     (system_dir / "runvisor.toml").touch()
-    monkeypatch.setattr(config, "SYSTEM_CONFIG_DIR", system_dir)
+    monkeypatch.setattr(paths, "SYSTEM_CONFIG_DIR", system_dir)
 
     assert find_config_path(None) == system_dir / "runvisor.toml"
 
