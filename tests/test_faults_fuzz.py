@@ -78,6 +78,9 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 def check_config_file(data: bytes) -> None:
     """Load `data` as a config file; only ConfigError may come out."""
+    # Made again when missing: a temp cleaner (or a test of one) may have
+    # removed the folder since this module was imported.
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
     path = WORK_DIR / "runvisor.toml"
     path.write_bytes(data)
     with time_limit(INPUT_SECONDS):
@@ -278,6 +281,7 @@ def test_mutated_example_config_raises_only_config_errors(data: bytes) -> None:
 def test_example_with_every_key_is_valid() -> None:
     # The mutations start from valid files, or they would test little.
     for data in (EXAMPLE, EXAMPLE_ALL):
+        WORK_DIR.mkdir(parents=True, exist_ok=True)
         path = WORK_DIR / "example.toml"
         path.write_bytes(data)
         load_config(path)
