@@ -69,3 +69,19 @@ def runvisor_argv() -> list[str]:
     if binary:
         return [str(Path(binary).resolve())]
     return [sys.executable, "-m", "supervisor"]
+
+
+def daemon_pid(launched_pid: int) -> int:
+    """The pid of the runvisor daemon started as `launched_pid`.
+
+    The single executable runs as a bootloader whose child is the Python
+    process that serves, so with RUNVISOR_BINARY set the daemon is the
+    bootloader's only child. From source they are the same process.
+    """
+    if not os.environ.get("RUNVISOR_BINARY"):
+        return launched_pid
+    with open(f"/proc/{launched_pid}/task/{launched_pid}/children") as file:
+        children = [int(word) for word in file.read().split()]
+    if len(children) != 1:
+        raise AssertionError(f"expected one child of {launched_pid}, got {children}")
+    return children[0]

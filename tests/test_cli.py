@@ -48,7 +48,7 @@ from supervisor.render import Style, format_event, render_status
 from supervisor.repl_completion import subcommands
 
 from .daemon_process import DaemonProcess, LineReader, runvisor_argv, wait_until
-from .helpers import marked_pids, wait_until_gone, write_script
+from .helpers import daemon_pid, marked_pids, wait_until_gone, write_script
 
 # The daemon runs as the single executable under `make test-frozen`.
 pytestmark = pytest.mark.frozen
@@ -167,7 +167,7 @@ def test_status_json(daemon: DaemonProcess, capsys: pytest.CaptureFixture[str]) 
     wait_until(lambda: project_state(daemon, capsys, "ticker")["pid"])
     document = status_json(daemon, capsys)
     assert daemon.process is not None
-    assert document["daemon"]["pid"] == daemon.process.pid
+    assert document["daemon"]["pid"] == daemon_pid(daemon.process.pid)
     assert document["daemon"]["last_reload"] is None
     projects = {project["name"]: project for project in document["projects"]}
     assert list(projects) == ["hello", "ticker", "nightly"]
@@ -828,7 +828,8 @@ def test_config_set_keeps_daemon_paths_while_it_runs(
     code, out, err = run(daemon, capsys, "config", "set", key, "elsewhere")
     assert code == 1
     assert out == ""
-    assert f"{key} cannot change while the daemon (pid {daemon.process.pid})" in err
+    pid = daemon_pid(daemon.process.pid)
+    assert f"{key} cannot change while the daemon (pid {pid})" in err
     assert "'runvisor shutdown'" in err
     assert "'runvisor serve'" in err
     assert daemon.config.read_bytes() == before

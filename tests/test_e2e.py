@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import runvisor_argv
+from .helpers import daemon_pid, runvisor_argv
 
 pytestmark = pytest.mark.frozen
 
@@ -178,6 +178,9 @@ def test_crashed_daemon_leaves_lost_runs_and_no_orphans(example: Example) -> Non
     first = wait_until(lambda: [r for r in example.history("web") if r["pid"]])[0]
     old_pid = int(first["pid"])  # type: ignore[call-overload]
 
+    # SIGKILL to the real daemon: under the single executable that is the
+    # bootloader's child, which SIGKILL to the bootloader would not reach.
+    os.kill(daemon_pid(daemon.pid), signal.SIGKILL)
     daemon.kill()
     daemon.wait()
     assert process_alive(old_pid), "the run outlives a crashed daemon until restart"
