@@ -615,14 +615,21 @@ def reap_orphans_now() -> None:
     _leaders.reap_deferred = False
     own_pid = os.getpid()
     own_session = os.getsid(0)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    # The daemon's children lists (zombies included) spare reading the stat
+    # of every process on the machine at each SIGCHLD.
+    children = _child_pids(own_pid)
+    if children is None:
+        candidates = [
+            entry.name for entry in os.scandir("/proc") if entry.name.isdigit()
+        ]
+    else:
+        candidates = [str(pid) for pid in children]
+    for name in candidates:
         # Fields: state, ppid, pgrp, session, ...
-        fields = _stat_fields(entry.name)
+        fields = _stat_fields(name)
         if len(fields) < 4 or fields[0] != b"Z" or int(fields[1]) != own_pid:
             continue
-        pid = int(entry.name)
+        pid = int(name)
         if pid in _leaders.pids or int(fields[3]) == own_session:
             continue
         with contextlib.suppress(ChildProcessError):
