@@ -1,6 +1,6 @@
 """The root of the daemon: store, manager, signal handling and reload.
 
-One trio nursery holds the store's writer task, and inside it the services:
+One trio nursery runs the store's writer task, and inside it the services:
 the manager with every project, and the signal watcher. Shutdown stops the
 manager first, so every run's final history row is queued before the
 writer flushes and closes.
@@ -98,7 +98,8 @@ def lock_data_dir(data_dir: Path) -> int:
     other's runs at start-up. The lock goes with the process, even on
     SIGKILL.
 
-    Raises StoreError when another daemon holds it or it cannot be opened.
+    Raises StoreError when another daemon has the lock or the file cannot be
+    opened.
     """
     path = data_dir / LOCK_NAME
     try:

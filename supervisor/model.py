@@ -13,7 +13,7 @@ import msgspec
 
 
 class TriggerMode(enum.StrEnum):
-    """How a project's runs are started."""
+    """Trigger mode: the way a project's runs are started."""
 
     MANUAL = "manual"
     SCHEDULE = "schedule"
@@ -34,7 +34,7 @@ class ProjectState(enum.StrEnum):
 
 
 class RunTrigger(enum.StrEnum):
-    """What started a run."""
+    """Cause of a run."""
 
     MANUAL = "manual"
     SCHEDULE = "schedule"
@@ -73,7 +73,7 @@ class RestartPolicy(enum.StrEnum):
 
 
 class OverlapPolicy(enum.StrEnum):
-    """What a fire or trigger does while the previous run is still going."""
+    """Policy for a fire or trigger that comes while the previous run is going."""
 
     SKIP = "skip"
     QUEUE = "queue"

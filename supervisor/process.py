@@ -86,15 +86,15 @@ DATA_DIR_VARIABLE = "RUNVISOR_DATA_DIR"
 # pidfd, its log file).
 SPAWN_DESCRIPTORS = 8
 # File descriptors kept free for the control socket, the database and log
-# files: a run that would leave fewer is not started, so that the daemon
-# can still be asked for status and told to stop when runs use up the rest.
+# files. A run that would leave fewer is not started, so the daemon still
+# serves status and stop requests when runs use up the rest.
 # NOTE: 64 is an estimate of what these need at once, not a measured bound.
 RESERVED_DESCRIPTORS = 64
 
 
 @dataclass(frozen=True)
 class ExitStatus:
-    """How a process ended: an exit code, or the signal that killed it."""
+    """End of a process: an exit code, or the signal that killed it."""
 
     exit_code: int | None
     signal: int | None
@@ -295,7 +295,7 @@ def group_exists(pgid: int) -> bool:
 
     A zombie still counts for `killpg`, and one whose new parent reaps slowly
     (an init that reaps once a second, say) would delay every stop, so when
-    `killpg` finds members, /proc tells whether any of them is alive.
+    `killpg` finds members, /proc shows whether any of them is alive.
     """
     reap_group(pgid)
     if not signal_group(pgid, 0):

@@ -670,7 +670,7 @@ class ProjectRunner:
             if record.status == RunStatus.RUNNING:
                 record.status = RunStatus.FAILED
                 record.reason = record.reason or "the run ended unexpectedly"
-            # The status stays what the exit says, but the history shows that
+            # The status stays what the exit code gives, but the history shows that
             # the log is incomplete, such as on a full disk.
             drop_note = run_log.drop_note()
             if drop_note:
@@ -828,7 +828,7 @@ class ProjectRunner:
 
     async def _prune(self) -> None:
         # Let the final rows of the runs that just ended reach the database,
-        # so this prune sees them.
+        # so this prune finds them.
         await self.context.store.flush()
         self._prune_waiting = False
         deleted = await self.context.store.prune(
