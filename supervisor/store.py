@@ -1,4 +1,4 @@
-"""Run history and run events in SQLite, through sqlite-utils.
+"""Run history and run events in SQLite.
 
 Two layers:
 
@@ -23,7 +23,14 @@ truncated.
 The schema version is SQLite's `PRAGMA user_version`. To change the schema,
 append a function to `MIGRATIONS`: `open` applies every migration past the
 stored version inside one `BEGIN IMMEDIATE` transaction, so two processes
-opening a fresh file at the same time cannot both apply it.
+opening a fresh file at the same time cannot both apply it. A migration gets
+a `sqlite_utils.Database`, whose `transform` and `add_column` do the table
+rebuilds that SQLite's ALTER TABLE cannot.
+
+sqlite-utils is imported only when a migration runs. Every other statement
+goes through the sqlite3 module with fixed SQL: importing sqlite-utils pulls
+in click and pluggy (about 4 MiB of daemon memory and 35 ms of start-up),
+and its `upsert_all` reads the table's schema again on every batch.
 """
 
 from __future__ import annotations
@@ -40,14 +47,16 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-import sqlite_utils
 import trio
 
 from .errors import StoreError
 from .model import CredentialInfo, RunEvent, RunRecord, RunStatus
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +169,31 @@ def _run_row(run: RunRecord) -> Row:
     }
 
 
+_RUN_COLUMNS = (
+    "id",
+    "project",
+    "trigger",
+    "status",
+    "started_at",
+    "ended_at",
+    "pid",
+    "exit_code",
+    "signal",
+    "reason",
+    "fire_time",
+)
+_UPSERT_RUN = (
+    f"INSERT INTO runs ({', '.join(_RUN_COLUMNS)})"
+    f" VALUES ({', '.join(':' + c for c in _RUN_COLUMNS)})"
+    " ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _RUN_COLUMNS[1:])
+)
+_INSERT_EVENT = (
+    "INSERT INTO events (project, run_id, kind, at, detail)"
+    " VALUES (:project, :run_id, :kind, :at, :detail)"
+)
+
+
 def _event_row(event: RunEvent) -> Row:
     return {
         "project": event.project,
@@ -209,9 +243,7 @@ class Database:
     threads because every method holds the instance's lock. Create it with
     `open`."""
 
-    def __init__(
-        self, db: sqlite_utils.Database, path: Path, busy_timeout: float
-    ) -> None:
+    def __init__(self, db: sqlite3.Connection, path: Path, busy_timeout: float) -> None:
         self._db = db
         self._lock = threading.RLock()
         self.path = path
@@ -235,15 +267,14 @@ class Database:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            db = sqlite_utils.Database(conn, execute_plugins=False)
-            _apply_migrations(db, path)
+            _apply_migrations(conn, path)
         except (OSError, sqlite3.Error) as exc:
             conn.close()
             raise _open_error(path, exc) from exc
         except BaseException:
             conn.close()
             raise
-        return cls(db, path, busy_timeout)
+        return cls(conn, path, busy_timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -430,9 +461,9 @@ class Database:
     def _write_rows(self, run_rows: list[Row], event_rows: list[Row]) -> None:
         with self._lock, self._write_transaction():
             if run_rows:
-                self._db.table("runs").upsert_all(run_rows, pk="id")
+                self._db.executemany(_UPSERT_RUN, run_rows)
             if event_rows:
-                self._db.table("events").insert_all(event_rows)
+                self._db.executemany(_INSERT_EVENT, event_rows)
 
     @contextmanager
     def _write_transaction(self) -> Iterator[None]:
@@ -452,7 +483,9 @@ class Database:
             return self._fetch(sql, params)
 
     def _fetch(self, sql: str, params: list[Any] | None = None) -> list[Row]:
-        return list(self._db.query(sql, params or []))
+        cursor = self._db.execute(sql, params or [])
+        columns = [column[0] for column in cursor.description]
+        return [dict(zip(columns, row, strict=True)) for row in cursor]
 
 
 def _select(
@@ -473,15 +506,18 @@ def _to_run(row: Row) -> RunRecord:
     return msgspec.convert(row, RunRecord)
 
 
-def _apply_migrations(db: sqlite_utils.Database, path: Path) -> None:
+def _apply_migrations(conn: sqlite3.Connection, path: Path) -> None:
     latest = len(MIGRATIONS)
-    if _user_version(db) == latest:
+    if _user_version(conn) == latest:
         return
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn, execute_plugins=False)
     db.execute("BEGIN IMMEDIATE")
     try:
         # Read the version again under the write lock: another process may
         # have migrated the file since the check above.
-        current = _user_version(db)
+        current = _user_version(conn)
         if current > latest:
             raise StoreError(
                 f"The database at {path} has schema version {current}, but this "
@@ -501,8 +537,8 @@ def _apply_migrations(db: sqlite_utils.Database, path: Path) -> None:
     db.commit()
 
 
-def _user_version(db: sqlite_utils.Database) -> int:
-    return int(db.execute("PRAGMA user_version").fetchone()[0])
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _open_error(path: Path, exc: BaseException) -> StoreError:
