@@ -20,9 +20,9 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from supervisor import __version__
@@ -30,6 +30,9 @@ from supervisor.config import HealthConfig, format_duration
 from supervisor.errors import SpawnError
 from supervisor.model import Health, OnUnhealthy, Stream
 from supervisor.process import ProcessSpec, open_process
+
+if TYPE_CHECKING:
+    import h11
 
 # Bytes read from an HTTP response per receive call.
 RECEIVE_BYTES = 4096
@@ -276,6 +279,8 @@ class _HttpExchange:
         Redirects are not followed. The body is read, up to MAX_BODY_BYTES,
         so a server that stalls after the headers fails the probe.
         """
+        import h11
+
         target = self.target
         stream = await trio.open_tcp_stream(target.host, target.port)
         async with stream:
@@ -326,6 +331,9 @@ async def probe_http(url: str, *, timeout: float) -> ProbeResult:
     """GET `url` over plain HTTP/1.1. Healthy on a 2xx or 3xx status."""
     started = trio.current_time()
     target = HttpTarget.parse(url)
+    # Imported here: only HTTP probes need it.
+    import h11
+
     exchange = _HttpExchange(target)
     failure: str | None = None
     code = 0

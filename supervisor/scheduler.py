@@ -42,7 +42,6 @@ from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import trio
-from croniter import CroniterBadDateError, CroniterError, croniter
 
 from . import errors, model
 
@@ -230,6 +229,8 @@ class _Component:
     ) -> Iterator[datetime]:
         """Yield the matching wall-clock times after the naive `start`, up to
         `until`."""
+        from croniter import CroniterBadDateError, croniter
+
         cron = croniter(
             self.expression,
             start,
@@ -386,6 +387,9 @@ class CronSchedule:
         # once, times with a `*`-prefixed hour follow real time.
         self._real_time_spacing = self._fields[1].startswith("*")
         components, self._days_or, impossible = _build_components(self._fields)
+        # Imported here: a daemon without scheduled projects never loads it.
+        from croniter import CroniterError, croniter
+
         for component in components:
             try:
                 croniter.expand(component.expression)
