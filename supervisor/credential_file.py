@@ -340,13 +340,15 @@ def generate_key_file(path: Path) -> bytes:
     return material
 
 
-def write_private_file(target: Path, content: bytes) -> None:
+def write_private_file(target: Path, content: bytes, *, durable: bool = True) -> None:
     """Replace `target` atomically with `content`, mode 0600 from the first
     byte, never writing through a symlink.
 
     The content goes to a new temporary file in the same folder, created with
     O_EXCL and O_NOFOLLOW, and is then renamed over `target`. The rename
-    replaces a symlink at that name instead of following it.
+    replaces a symlink at that name instead of following it. `durable`
+    flushes the content to disk before the rename, so that a power loss
+    cannot leave an empty file under the name.
     """
     temporary = target.with_name(f"{target.name}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -356,8 +358,9 @@ def write_private_file(target: Path, content: bytes) -> None:
             # The creation mode is filtered by the umask. Make it exact.
             os.fchmod(file.fileno(), 0o600)
             file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         os.rename(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -291,10 +291,13 @@ def write_env_file(folder: Path, variables: Mapping[str, str]) -> Path:
     that name instead of following it.
     """
     target = folder / ENV_FILE_NAME
-    write_private_file(target, format_env_file(variables).encode())
+    # Not flushed to disk: the file lives for one run and is written again
+    # before the next, and a flush per run costs a burst of starts dearly.
+    write_private_file(target, format_env_file(variables).encode(), durable=False)
     return target
 
 
 def remove_env_file(folder: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    # NotADirectoryError: the project's path is a file, so no run started.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         os.unlink(folder / ENV_FILE_NAME)

@@ -260,6 +260,7 @@ class RunLog:
         max_bytes: int,
         backups: int,
         opener: Callable[[Path], LogFile] = open_log_file,
+        open_now: bool = True,
     ) -> None:
         self.path = path
         self.dropped_lines = 0
@@ -278,8 +279,19 @@ class RunLog:
         self._torn = False
         self._cached_second = -1
         self._cached_prefix = ""
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """Create the folder and open the file, unless that is done already.
+
+        A failure is recorded like a failed write; the first write tries
+        again. `open_now=False` leaves this to the caller, who may call it
+        from a worker thread before any write.
+        """
+        if self._file is not None or self._closed:
+            return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._open()
         except OSError as exc:
             self._record_failure(exc, 0)
@@ -347,7 +359,12 @@ class RunLog:
         return f"{self._cached_prefix}.{milli:03d}Z"
 
     def _open(self) -> None:
-        self._file = self._opener(self.path)
+        try:
+            self._file = self._opener(self.path)
+        except FileNotFoundError:
+            # The project's first run, or its folder was removed meanwhile.
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._file = self._opener(self.path)
         try:
             self._size = os.stat(self.path).st_size
         except OSError:

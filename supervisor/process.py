@@ -236,18 +236,38 @@ def descriptor_limit_message(in_use: int | None = None) -> str:
     )
 
 
+@dataclass
+class _DescriptorCount:
+    checks_left: int = 0
+    """Checks that pass without counting again."""
+
+
+_descriptors = _DescriptorCount()
+
+
 def check_descriptors() -> None:
     """Raise SpawnError when a spawn would leave fewer than
-    RESERVED_DESCRIPTORS file descriptors free."""
+    RESERVED_DESCRIPTORS file descriptors free.
+
+    Counting lists /proc/self/fd, which is slow while other threads fork. So
+    a count that leaves room for many spawns lets the next checks pass
+    without counting: as many as half of that room holds, at
+    SPAWN_DESCRIPTORS each.
+    """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return
+    if _descriptors.checks_left > 0:
+        _descriptors.checks_left -= 1
+        return
     in_use = len(os.listdir("/proc/self/fd"))
-    if in_use + SPAWN_DESCRIPTORS + RESERVED_DESCRIPTORS > soft:
+    room = soft - in_use - RESERVED_DESCRIPTORS
+    if room < SPAWN_DESCRIPTORS:
         raise SpawnError(
             "Not started, to keep file descriptors free for the control socket "
             f"and the history: {descriptor_limit_message(in_use)}"
         )
+    _descriptors.checks_left = room // SPAWN_DESCRIPTORS // 2
 
 
 def describe_os_error(error: OSError) -> str:

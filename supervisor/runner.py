@@ -151,6 +151,18 @@ def utc_now(clock: WallClock) -> datetime:
     return clock.now().astimezone(UTC)
 
 
+def _prepare_files(run_log: RunLog, folder: Path, variables: Mapping[str, str]) -> None:
+    """Open the run's log and write the project's `.env.local`.
+
+    Called in a worker thread: these are a few blocking file system calls,
+    and when many runs start at once (a fleet at start-up, a minute boundary
+    of many schedules) they would hold up the event loop one after another.
+    """
+    run_log.open()
+    if folder.is_dir():
+        write_env_file(folder, variables)
+
+
 class ProjectRunner:
     def __init__(self, project: ProjectConfig, context: RuntimeContext) -> None:
         self.project = project
@@ -548,6 +560,7 @@ class ProjectRunner:
             run_log_path(context.logs_dir, self.name, record.id),
             max_bytes=context.settings.log_max_bytes,
             backups=context.settings.log_backups,
+            open_now=False,
         )
         masker = Masker(())
         env_written = False
@@ -595,9 +608,11 @@ class ProjectRunner:
                         "RUNVISOR_TRIGGER": str(record.trigger),
                     }
                 )
-                if folder.is_dir():
-                    write_env_file(folder, resolved.variables)
-                    env_written = True
+                # Set first: a cancellation during the write still removes it.
+                env_written = True
+                await trio.to_thread.run_sync(
+                    _prepare_files, run_log, folder, resolved.variables
+                )
                 spec = ProcessSpec(
                     command=project.command, cwd=folder, env=env, markers=markers
                 )

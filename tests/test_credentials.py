@@ -183,16 +183,18 @@ def open_umask() -> Iterator[None]:
 def test_env_file_is_private_while_written(
     tmp_path: Path, open_umask: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # fsync runs after the content is written and before the rename, so the
-    # mode recorded there is the mode of the file while it contains secrets.
+    # The rename comes after the content is written, so the mode of its
+    # source is the mode of the file while it holds secrets under a
+    # temporary name.
     modes: list[int] = []
-    real_fsync = os.fsync
+    real_rename = os.rename
 
-    def recording_fsync(fd: int) -> None:
-        modes.append(stat.S_IMODE(os.fstat(fd).st_mode))
-        real_fsync(fd)
+    def recording_rename(source: str | Path, target: str | Path) -> None:
+        modes.append(stat.S_IMODE(os.stat(source).st_mode))
+        assert Path(source).read_text() == "export SECRET='value'\n"
+        real_rename(source, target)
 
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "rename", recording_rename)
     path = write_env_file(tmp_path, {"SECRET": "value"})
 
     assert modes == [0o600]
