@@ -423,6 +423,7 @@ class ChildProcess:
         self.ended_at: float | None = None
         self.killed = False
         self.exit_status: ExitStatus | None = None
+        self._signalled_at: float | None = None
 
     @property
     def uptime(self) -> float:
@@ -440,6 +441,17 @@ class ChildProcess:
 
     def send_signal(self, sig: int) -> None:
         signal_group(self.pid, sig)
+
+    def begin_stop(self, sig: int) -> None:
+        """Send the stop signal `sig` to the group now, ahead of `stop`.
+
+        The stop that follows does not send it again (a second SIGTERM or
+        SIGINT means "quit at once" to many programs) and counts its grace
+        period from this moment.
+        """
+        if self._signalled_at is None:
+            self._signalled_at = trio.current_time()
+            signal_group(self.pid, sig)
 
     def escaped(self) -> list[int]:
         """Live processes of the run outside its process group."""
@@ -479,8 +491,15 @@ class ChildProcess:
         return killed
 
     async def _end_all(self, sig: int, timeout: float) -> bool:
-        deadline = trio.current_time() + timeout
-        signal_group(self.pid, sig)
+        self.begin_stop(sig)
+        assert self._signalled_at is not None
+        deadline = self._signalled_at + timeout
+        # Let the other runs that stop now signal their groups first: the
+        # search for processes that left the group reads /proc, and in a
+        # fleet stop it would delay the last group's signal by every other
+        # run's search. An escaped process whose parent exits meanwhile is
+        # adopted by this daemon, where the search still finds it.
+        await trio.lowlevel.checkpoint()
         escaped = self.escaped()
         signal_processes(escaped, sig)
         with trio.move_on_at(deadline):
@@ -585,8 +604,12 @@ async def open_process(
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await child.stop(stop_signal, stop_timeout)
-                elif await child.end_leftovers(stop_signal, stop_timeout):
-                    child.killed = True
+                else:
+                    # Records the exit status when the leader died of a
+                    # signal that `begin_stop` sent before the cancellation.
+                    await child.wait()
+                    if await child.end_leftovers(stop_signal, stop_timeout):
+                        child.killed = True
                 # EOF comes once every holder of the pipes is gone; a process
                 # that left the group with setsid may keep them open forever.
                 with trio.move_on_after(PIPE_DRAIN_SECONDS):

@@ -284,6 +284,19 @@ class ProjectRunner:
         if self.state not in (ProjectState.STOPPED,):
             self._set_state(ProjectState.STOPPED, reason)
 
+    def signal_runs(self) -> None:
+        """Send the stop signal to the process group of every run now.
+
+        The daemon's shutdown calls this for every project before it cancels
+        them, so that the last of many runs gets its signal without waiting
+        for the others to be cancelled and cleaned up. The cancellation then
+        stops each run the usual way, without signalling it again.
+        """
+        sig = signal.Signals[self.project.stop_signal]
+        for active in self.runs.values():
+            if active.child is not None and active.child.exit_status is None:
+                active.child.begin_stop(sig)
+
     async def restart(self) -> TriggerResult:
         await self.stop()
         result = self.start()

@@ -519,6 +519,43 @@ async def test_shutdown_ends_every_group(tmp_path: Path, fast_clock: MockClock) 
     assert run.signal == signal.SIGTERM
 
 
+async def test_shutdown_signals_each_run_once(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    # The shutdown signals every group before it cancels the runs; the
+    # stop that follows must not send a second SIGTERM, which many programs
+    # read as "quit at once".
+    names = [f"trap{i}" for i in range(5)]
+    config = ""
+    for name in names:
+        project_folder(
+            tmp_path,
+            name,
+            """
+            trap 'echo term >> terms.log' TERM
+            echo ready > ready
+            while true; do sleep 0.05; done
+            """,
+        )
+        config += f"""
+        [projects.{name}]
+        path = "{tmp_path / name}"
+        trigger = "always_running"
+        stop_timeout = "1s"
+        """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_for(
+            lambda: all((tmp_path / name / "ready").exists() for name in names)
+        )
+    database = Database.open(tmp_path / "data" / "runvisor.db")
+    runs = [database.history(name)[0] for name in names]
+    database.close()
+    for name in names:
+        assert (tmp_path / name / "terms.log").read_text() == "term\n", name
+    assert [run.status for run in runs] == [RunStatus.STOPPED] * len(names)
+    assert [run.signal for run in runs] == [signal.SIGKILL] * len(names)
+
+
 async def test_schedule_skips_fires_while_a_run_is_going(
     tmp_path: Path, fast_clock: MockClock
 ) -> None:
