@@ -13,7 +13,6 @@ chooses between them with `select_backend`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -298,6 +297,17 @@ def write_env_file(folder: Path, variables: Mapping[str, str]) -> Path:
 
 
 def remove_env_file(folder: Path) -> None:
-    # NotADirectoryError: the project's path is a file, so no run started.
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        os.unlink(folder / ENV_FILE_NAME)
+    """Remove `.env.local` after a run. A failure is logged, not raised: the
+    run is over, and its history row must still be written."""
+    path = folder / ENV_FILE_NAME
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        logger.warning(
+            "Cannot remove %s after the run: %s. Remove it by hand: it holds "
+            "the project's credentials.",
+            path,
+            error.strerror or error,
+        )

@@ -151,16 +151,19 @@ def utc_now(clock: WallClock) -> datetime:
     return clock.now().astimezone(UTC)
 
 
-def _prepare_files(run_log: RunLog, folder: Path, variables: Mapping[str, str]) -> None:
-    """Open the run's log and write the project's `.env.local`.
+def _prepare_files(run_log: RunLog, folder: Path, variables: Mapping[str, str]) -> bool:
+    """Open the run's log and write the project's `.env.local`; return
+    whether it was written.
 
     Called in a worker thread: these are a few blocking file system calls,
     and when many runs start at once (a fleet at start-up, a minute boundary
     of many schedules) they would hold up the event loop one after another.
     """
     run_log.open()
-    if folder.is_dir():
-        write_env_file(folder, variables)
+    if not folder.is_dir():
+        return False
+    write_env_file(folder, variables)
+    return True
 
 
 class ProjectRunner:
@@ -621,9 +624,8 @@ class ProjectRunner:
                         "RUNVISOR_TRIGGER": str(record.trigger),
                     }
                 )
-                # Set first: a cancellation during the write still removes it.
-                env_written = True
-                await trio.to_thread.run_sync(
+                # A cancellation waits for the thread and gets its result.
+                env_written = await trio.to_thread.run_sync(
                     _prepare_files, run_log, folder, resolved.variables
                 )
                 spec = ProcessSpec(
@@ -692,9 +694,9 @@ class ProjectRunner:
             raise
         finally:
             # No await in here, so cancellation cannot cut it short.
+            run_log.close()
             if env_written and not project.keep_env_file:
                 remove_env_file(folder)
-            run_log.close()
             if record.status == RunStatus.RUNNING:
                 record.status = RunStatus.FAILED
                 record.reason = record.reason or "the run ended unexpectedly"

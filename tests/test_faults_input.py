@@ -223,6 +223,44 @@ async def test_env_file_that_is_a_folder_fails_the_run(
     assert sorted(path.name for path in folder.iterdir()) == [".env.local", "run.sh"]
 
 
+async def test_env_file_that_cannot_be_removed_is_reported(
+    tmp_path: Path, fast_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The run puts a folder where its `.env.local` was, so removing it after
+    # the run fails. The run's row is still written, and the daemon says
+    # which file to remove, without the secret.
+    folder = tmp_path / "project"
+    write_script(
+        folder,
+        """
+        rm .env.local && mkdir .env.local && touch .env.local/keep.txt
+        echo done
+        """,
+    )
+    config = f"""
+    [projects.project]
+    trigger = "manual"
+    path = "{folder}"
+    env = {{ TOKEN = {{ value = "s3cr3t-token" }} }}
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("project")
+        (run,) = await daemon.wait_runs("project", 1)
+        daemon.manager.trigger("project")
+        runs = await daemon.wait_runs("project", 2)
+    assert run.status == RunStatus.SUCCEEDED
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if "Cannot remove" in record.getMessage()
+    ]
+    assert warnings
+    assert str(folder / ".env.local") in warnings[0]
+    assert all("s3cr3t-token" not in message for message in warnings)
+    # The project still runs; the next write fails on the folder instead.
+    assert len(runs) == 2
+
+
 # -- the control socket -----------------------------------------------------------
 
 # Runs as `nobody` with the system Python (the test's interpreter may sit in
