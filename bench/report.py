@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 RUNVISOR = "runvisor"
 
+FINDINGS = Path(__file__).resolve().parent / "FINDINGS.md"
+"""Hand-written record of missed targets: profiles, causes, before and
+after. Appended to the results page of full runs."""
+
 
 def machine() -> dict[str, Any]:
     """Describe the machine the numbers were measured on."""
@@ -162,6 +166,15 @@ TARGETS = [
         "schedule p99 lateness under 100 ms",
         "schedule",
         "late_ms_p99",
+        100,
+        strict=True,
+    ),
+    # Restated: on 2 cores, bare Popen calls of 200 scripts alone reach a
+    # p99 near 220 ms, so the absolute bound holds for no forking manager.
+    Target(
+        "schedule p99 lateness under 100 ms above the bare-spawn floor",
+        "schedule",
+        "over_floor_ms_p99",
         100,
         strict=True,
     ),
@@ -348,6 +361,8 @@ def markdown(results: dict[str, Any], scenario_docs: dict[str, str]) -> str:
                     "—" if mine is None or theirs is None else _fmt(ratio(mine, theirs))
                 )
             lines.append("| " + " | ".join(row) + " |")
+    if not results.get("quick") and FINDINGS.exists():
+        lines += ["", FINDINGS.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 

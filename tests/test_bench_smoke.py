@@ -43,7 +43,15 @@ EXPECTED = {
     },
     "restart": {"latency_ms_median", "latency_ms_max"},
     "stop": {"stop_s", "left_after_stop", "shutdown_s", "left_after_shutdown"},
-    "schedule": {"late_ms_p50", "late_ms_p99", "late_ms_max", "duplicates", "misses"},
+    "schedule": {
+        "late_ms_p50",
+        "late_ms_p99",
+        "late_ms_max",
+        "floor_ms_p99",
+        "over_floor_ms_p99",
+        "duplicates",
+        "misses",
+    },
     "control": {
         "status_cli_s",
         "status_json_cli_s",
