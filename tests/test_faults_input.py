@@ -197,6 +197,17 @@ async def test_env_file_symlink_is_never_written_through(
             assert env_file.stat().st_mode & 0o777 == 0o600
 
 
+def secret_project_config(folder: Path) -> str:
+    """A manual project at `folder` whose TOKEN is the secret literal
+    `s3cr3t-token`, so that it gets a `.env.local`."""
+    return f"""
+    [projects.project]
+    trigger = "manual"
+    path = "{folder}"
+    env = {{ TOKEN = {{ value = "s3cr3t-token" }} }}
+    """
+
+
 async def test_env_file_that_is_a_folder_fails_the_run(
     tmp_path: Path, fast_clock: MockClock
 ) -> None:
@@ -204,12 +215,7 @@ async def test_env_file_that_is_a_folder_fails_the_run(
     write_script(folder, "echo started")
     (folder / ".env.local").mkdir()
     (folder / ".env.local" / "keep.txt").write_text("kept\n")
-    config = f"""
-    [projects.project]
-    trigger = "manual"
-    path = "{folder}"
-    env = {{ TOKEN = {{ value = "s3cr3t-token" }} }}
-    """
+    config = secret_project_config(folder)
     async with running_daemon(tmp_path, config) as daemon:
         daemon.manager.trigger("project")
         (run,) = await daemon.wait_runs("project", 1)
@@ -237,12 +243,7 @@ async def test_env_file_that_cannot_be_removed_is_reported(
         echo done
         """,
     )
-    config = f"""
-    [projects.project]
-    trigger = "manual"
-    path = "{folder}"
-    env = {{ TOKEN = {{ value = "s3cr3t-token" }} }}
-    """
+    config = secret_project_config(folder)
     async with running_daemon(tmp_path, config) as daemon:
         daemon.manager.trigger("project")
         (run,) = await daemon.wait_runs("project", 1)
