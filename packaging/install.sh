@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install runvisor as a system service:
 #   PREFIX/bin/runvisor                     the single executable
-#   /etc/systemd/system/runvisor.service    the unit, with ExecStart in PREFIX
+#   /etc/systemd/system/runvisor.service    the unit, running PREFIX/bin/runvisor
 #   /etc/runvisor/runvisor.toml             a starter config, if none exists
 #   /etc/runvisor/credentials.key           the credential store key, if none
 #   the system user and group runvisor, if missing (systemd-sysusers)
@@ -99,7 +99,8 @@ binary_change=$change
 # 3. The unit, pointing at the executable under the prefix.
 unit="$(mktemp)"
 trap 'rm -f "$unit"' EXIT
-sed "s|^ExecStart=/usr/local/bin/runvisor |ExecStart=$prefix/bin/runvisor |" \
+sed -e "s|^ExecStart=/usr/local/bin/runvisor |ExecStart=$prefix/bin/runvisor |" \
+  -e "s|^ExecReload=/usr/local/bin/runvisor |ExecReload=$prefix/bin/runvisor |" \
   "$here/runvisor.service" >"$unit"
 put_file "$unit" "$root/etc/systemd/system/runvisor.service" 0644
 

@@ -122,14 +122,14 @@ def test_installed_unit_passes_verify(
     checked.parent.mkdir()
     checked.write_text(
         text.replace(
-            "ExecStart=/opt/runvisor/bin/runvisor ",
-            f"ExecStart={root}/opt/runvisor/bin/runvisor ",
+            "=/opt/runvisor/bin/runvisor ", f"={root}/opt/runvisor/bin/runvisor "
         )
     )
 
     complaints = verify_unit(checked)
 
     assert "ExecStart=/opt/runvisor/bin/runvisor serve\n" in text
+    assert "ExecReload=/opt/runvisor/bin/runvisor reload\n" in text
     assert complaints == []
 
 
@@ -137,7 +137,7 @@ def test_verify_reports_a_broken_unit(tmp_path: Path) -> None:
     broken = tmp_path / "runvisor.service"
     broken.write_text(
         UNIT.read_text()
-        .replace("ExecStart=/usr/local/bin/runvisor", "ExecStart=/bin/true")
+        .replace("/usr/local/bin/runvisor", "/bin/true")
         .replace("KillMode=mixed", "KillMode=gently")
     )
 
