@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -178,7 +178,7 @@ class _LastOutputLines:
     def __init__(self) -> None:
         self.last: dict[Stream, str] = {}
 
-    def feed(self, stream: Stream, lines: list[str], at: float) -> None:
+    def feed(self, stream: Stream, lines: Sequence[str], at: float) -> None:
         for line in reversed(lines):
             if line.strip():
                 self.last[stream] = _shorten(line.strip())

@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +77,7 @@ DAEMON_ONLY_VARIABLES = (
     "WATCHDOG_USEC",
 )
 
-OutputCallback = Callable[[Stream, list[str], float], None]
+OutputCallback = Callable[[Stream, Sequence[str], float], None]
 
 DATA_DIR_VARIABLE = "RUNVISOR_DATA_DIR"
 

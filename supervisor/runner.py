@@ -25,7 +25,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -592,7 +592,7 @@ class ProjectRunner:
             self._set_health(record.id, Health.UNKNOWN, f"run {record.id} started")
         context.store.put_run(record)
 
-        def on_output(stream: Stream, lines: list[str], at: float) -> None:
+        def on_output(stream: Stream, lines: Sequence[str], at: float) -> None:
             if masker:
                 lines = [masker.mask(line) for line in lines]
             run_log.write(stream, lines, at)
