@@ -83,6 +83,10 @@ STOPPED_BY_USER = "stopped by user"
 # their environment markers.
 ROW_BEFORE_SPAWN_SECONDS = 2.0
 
+PRUNE_DELAY_SECONDS = 5.0
+"""Seconds between a run's end and the prune of its project's history; one
+prune covers every run that ends meanwhile."""
+
 
 class TriggerOutcome(enum.StrEnum):
     STARTED = "started"
@@ -857,6 +861,11 @@ class ProjectRunner:
         record.signal = status.signal
 
     async def _prune(self) -> None:
+        # Prunes share the database's write connection with the rows that
+        # starting runs wait for. Waiting first lets a burst of starts (a
+        # minute boundary of many schedules) write its rows before the
+        # burst of prunes that its runs' ends set off.
+        await trio.sleep(PRUNE_DELAY_SECONDS)
         # Let the final rows of the runs that just ended reach the database,
         # so this prune finds them.
         await self.context.store.flush()
