@@ -296,6 +296,25 @@ def write_env_file(folder: Path, variables: Mapping[str, str]) -> Path:
     return target
 
 
+def remove_stale_env_file(folder: Path) -> bool:
+    """Remove a `.env.local` that no run owns, as one left by a daemon that
+    was killed during a run. Return whether there was one."""
+    path = folder / ENV_FILE_NAME
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as error:
+        logger.warning(
+            "Cannot remove %s, left by an earlier run: %s. Remove it by hand: "
+            "it holds the project's credentials.",
+            path,
+            error.strerror or error,
+        )
+        return False
+    return True
+
+
 def remove_env_file(folder: Path) -> None:
     """Remove `.env.local` after a run. A failure is logged, not raised: the
     run is over, and its history row must still be written."""

@@ -532,3 +532,33 @@ async def test_run_reads_secret_service(
         )
         for record in caplog.records
     )
+
+
+async def test_env_file_left_by_a_killed_daemon_is_removed_at_start(
+    tmp_path: Path, fast_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A daemon killed during a run cannot remove `.env.local`; the next one
+    # removes it before any run starts, except where it is to be kept.
+    caplog.set_level(logging.WARNING)
+    stale = "export TOKEN='left-by-a-crash'\n"
+    for name in ("plain", "kept"):
+        write_script(tmp_path / name, "echo run")
+        (tmp_path / name / ".env.local").write_text(stale)
+    config = f"""
+    [projects.plain]
+    path = "{tmp_path / "plain"}"
+    trigger = "manual"
+
+    [projects.kept]
+    path = "{tmp_path / "kept"}"
+    trigger = "manual"
+    keep_env_file = true
+    """
+    async with running_daemon(tmp_path, config):
+        assert not (tmp_path / "plain" / ".env.local").exists()
+        assert (tmp_path / "kept" / ".env.local").read_text() == stale
+    messages = [record.getMessage() for record in caplog.records]
+    assert f"removed {tmp_path / 'plain'}/.env.local, left by an earlier run" in (
+        messages
+    )
+    assert all("left-by-a-crash" not in message for message in messages)
