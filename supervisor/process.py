@@ -737,6 +737,23 @@ def _child_pids(pid: int) -> list[int] | None:
     return children
 
 
+def _adopted_or_leaders() -> list[int] | None:
+    """Children of this daemon's main thread: every process it adopted,
+    plus run leaders whose spawning worker thread has exited.
+
+    The kernel hands an orphan to the first live thread of the subreaper,
+    which is the main thread, so the worker threads' own lists (which hold
+    only run leaders) need not be read. There may be dozens of them after a
+    burst of spawns, and this runs at the end of every run.
+    """
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            return [int(word) for word in file.read().split()]
+    except FileNotFoundError:
+        return None
+
+
 def _descendants(roots: list[int]) -> list[int] | None:
     found: list[int] = []
     pending = list(roots)
@@ -761,7 +778,7 @@ def run_candidates(leader: int) -> list[int] | None:
     """
     if not _is_subreaper:
         return None
-    own_children = _child_pids(os.getpid())
+    own_children = _adopted_or_leaders()
     if own_children is None:
         return None
     adopted = [pid for pid in own_children if pid not in _leaders.pids]
