@@ -121,8 +121,14 @@ def test_log_disk_full_then_space_returns(tmp_path: Path, small_tmpfs: Path) -> 
     with daemon_process(tmp_path, config) as daemon:
         daemon.start()
         chatty = wait_until(lambda: run_processes(daemon.tag))[0]
-        ((chatty_pid,),) = query(
-            db, "SELECT pid FROM runs WHERE id = ?", [chatty.run_id]
+        # The row gets its pid from a write after the spawn, so the process
+        # can be seen before the row has it.
+        ((chatty_pid,),) = wait_until(
+            lambda: query(
+                db,
+                "SELECT pid FROM runs WHERE id = ? AND pid IS NOT NULL",
+                [chatty.run_id],
+            )
         )
         chatty_log = small_tmpfs / "chatty" / f"{chatty.run_id}.log"
         wait_until(chatty_log.exists)
