@@ -72,8 +72,18 @@ def export_case(case: str, fmt: str, tmp_path: Path) -> tuple[ExportResult, Path
     """Export one golden case and return the result and the folder that
     @ROOT@ stands for."""
     if case == "example":
-        config = load_config(REPOSITORY / "config.example.toml")
-        return export_config(config, fmt), REPOSITORY
+        # A copy without what runs leave behind (`make run` writes
+        # examples/tick/ticks.log), which the ConfigMap would otherwise hold.
+        root = tmp_path / "repository"
+        root.mkdir()
+        shutil.copy(REPOSITORY / "config.example.toml", root)
+        shutil.copytree(
+            REPOSITORY / "examples",
+            root / "examples",
+            ignore=shutil.ignore_patterns("*.log", ".env.local", "__pycache__"),
+        )
+        config = load_config(root / "config.example.toml")
+        return export_config(config, fmt), root
     config = load_config(make_every_setting_folder(tmp_path))
     projects = None if fmt == "systemd" else PORTABLE_PROJECTS
     return export_config(config, fmt, projects=projects), tmp_path
