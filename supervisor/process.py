@@ -528,15 +528,17 @@ async def _pump(
     kind: Stream,
     on_output: OutputCallback,
     done: trio.Event,
+    scope: trio.CancelScope,
 ) -> None:
     splitter = LineSplitter()
     try:
-        while chunk := await stream.receive_some(READ_CHUNK_BYTES):
-            # One timestamp per read, not per line: formatting a time per line
-            # would cap throughput well below the pipe's rate.
-            lines = splitter.feed(chunk)
-            if lines:
-                on_output(kind, lines, time.time())
+        with scope:
+            while chunk := await stream.receive_some(READ_CHUNK_BYTES):
+                # One timestamp per read, not per line: formatting a time per
+                # line would cap throughput well below the pipe's rate.
+                lines = splitter.feed(chunk)
+                if lines:
+                    on_output(kind, lines, time.time())
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
@@ -595,9 +597,18 @@ async def open_process(
     assert process.stdout is not None
     assert process.stderr is not None
     pumps_done = (trio.Event(), trio.Event())
+    # Shielded, so a cancellation of the run (a daemon shutdown) does not
+    # stop the reading: what the run prints while it stops, such as a
+    # SIGTERM handler's last words, still reaches the log. They end when
+    # the pipes close, or when the drain below gives up.
+    pump_scopes = (trio.CancelScope(shield=True), trio.CancelScope(shield=True))
     async with trio.open_nursery() as pumps:
-        pumps.start_soon(_pump, process.stdout, Stream.OUT, on_output, pumps_done[0])
-        pumps.start_soon(_pump, process.stderr, Stream.ERR, on_output, pumps_done[1])
+        pumps.start_soon(
+            _pump, process.stdout, Stream.OUT, on_output, pumps_done[0], pump_scopes[0]
+        )
+        pumps.start_soon(
+            _pump, process.stderr, Stream.ERR, on_output, pumps_done[1], pump_scopes[1]
+        )
         try:
             yield child
         finally:
@@ -615,6 +626,8 @@ async def open_process(
                 with trio.move_on_after(PIPE_DRAIN_SECONDS):
                     for done in pumps_done:
                         await done.wait()
+                for scope in pump_scopes:
+                    scope.cancel()
                 pumps.cancel_scope.cancel()
                 await process.stdout.aclose()
                 await process.stderr.aclose()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from trio.testing import MockClock
 
-from supervisor.model import ProjectState, RunStatus, RunTrigger
+from supervisor.logs import read_run_log
+from supervisor.model import ProjectState, RunStatus, RunTrigger, Stream
 from supervisor.store import Database
 
 from .daemon_harness import WALL_BASE, running_daemon
@@ -554,6 +555,32 @@ async def test_shutdown_signals_each_run_once(
         assert (tmp_path / name / "terms.log").read_text() == "term\n", name
     assert [run.status for run in runs] == [RunStatus.STOPPED] * len(names)
     assert [run.signal for run in runs] == [signal.SIGKILL] * len(names)
+
+
+async def test_output_printed_while_stopping_at_shutdown_is_logged(
+    tmp_path: Path, fast_clock: MockClock
+) -> None:
+    # A shutdown cancels the runs; what a run prints in its SIGTERM handler
+    # must still reach its log, as it does for a person's stop.
+    folder = project_folder(
+        tmp_path,
+        "polite",
+        """
+        trap 'echo "goodbye from $RUNVISOR_RUN_ID"; exit 0' TERM
+        echo ready > ready
+        while true; do sleep 0.05; done
+        """,
+    )
+    config = f"""
+    [projects.polite]
+    path = "{folder}"
+    trigger = "always_running"
+    """
+    async with running_daemon(tmp_path, config) as daemon:
+        await daemon.wait_for(lambda: (folder / "ready").exists())
+    records = read_run_log(tmp_path / "data" / "logs" / "polite" / "1.log")
+    # bash also reports the killed `sleep` ("Terminated") on stderr.
+    assert (Stream.OUT, "goodbye from 1") in [(r.stream, r.text) for r in records]
 
 
 async def test_schedule_skips_fires_while_a_run_is_going(
