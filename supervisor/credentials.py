@@ -292,7 +292,13 @@ def write_env_file(folder: Path, variables: Mapping[str, str]) -> Path:
     target = folder / ENV_FILE_NAME
     # Not flushed to disk: the file lives for one run and is written again
     # before the next, and a flush per run costs a burst of starts dearly.
-    write_private_file(target, format_env_file(variables).encode(), durable=False)
+    try:
+        write_private_file(target, format_env_file(variables).encode(), durable=False)
+    except IsADirectoryError:
+        raise CredentialError(
+            f"{target} is a folder, so the run's variables cannot be written "
+            "there. Remove or rename that folder."
+        ) from None
     return target
 
 
@@ -302,7 +308,8 @@ def remove_stale_env_file(folder: Path) -> bool:
     path = folder / ENV_FILE_NAME
     try:
         os.unlink(path)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        # A folder is no leftover; the project's next run reports it.
         return False
     except OSError as error:
         logger.warning(

@@ -544,7 +544,14 @@ async def test_env_file_left_by_a_killed_daemon_is_removed_at_start(
     for name in ("plain", "kept"):
         write_script(tmp_path / name, "echo run")
         (tmp_path / name / ".env.local").write_text(stale)
+    # A folder under that name is no leftover: it stays, without a warning.
+    write_script(tmp_path / "odd", "echo run")
+    (tmp_path / "odd" / ".env.local").mkdir()
     config = f"""
+    [projects.odd]
+    path = "{tmp_path / "odd"}"
+    trigger = "manual"
+
     [projects.plain]
     path = "{tmp_path / "plain"}"
     trigger = "manual"
@@ -557,7 +564,9 @@ async def test_env_file_left_by_a_killed_daemon_is_removed_at_start(
     async with running_daemon(tmp_path, config):
         assert not (tmp_path / "plain" / ".env.local").exists()
         assert (tmp_path / "kept" / ".env.local").read_text() == stale
+        assert (tmp_path / "odd" / ".env.local").is_dir()
     messages = [record.getMessage() for record in caplog.records]
+    assert not [message for message in messages if "odd" in message]
     assert f"removed {tmp_path / 'plain'}/.env.local, left by an earlier run" in (
         messages
     )

@@ -221,7 +221,10 @@ async def test_env_file_that_is_a_folder_fails_the_run(
         (run,) = await daemon.wait_runs("project", 1)
         lines = daemon.log_lines("project", run.id)
     assert run.status == RunStatus.FAILED
-    assert ".env.local" in run.reason
+    assert run.reason == (
+        f"{folder / '.env.local'} is a folder, so the run's variables cannot be "
+        "written there. Remove or rename that folder."
+    )
     assert "s3cr3t-token" not in run.reason
     assert ("out", "started") not in lines
     assert (folder / ".env.local" / "keep.txt").read_text() == "kept\n"
