@@ -302,38 +302,28 @@ def write_env_file(folder: Path, variables: Mapping[str, str]) -> Path:
     return target
 
 
-def remove_stale_env_file(folder: Path) -> bool:
-    """Remove a `.env.local` that no run owns, as one left by a daemon that
-    was killed during a run. Return whether there was one."""
+def remove_env_file(folder: Path, *, stale: bool = False) -> bool:
+    """Remove the project's `.env.local` and return whether one was removed.
+
+    A failure is logged, not raised, so that the run's history row is still
+    written. `stale` marks a file left by a daemon killed during a run. A
+    folder under that name is then left alone without a warning, because
+    the project's next run reports it.
+    """
     path = folder / ENV_FILE_NAME
     try:
         os.unlink(path)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        # A folder is no leftover; the project's next run reports it.
+    except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as error:
+        if stale and isinstance(error, IsADirectoryError):
+            return False
         logger.warning(
-            "Cannot remove %s, left by an earlier run: %s. Remove it by hand: "
-            "it holds the project's credentials.",
+            "Failed to remove %s (%s): %s. Remove it by hand, because it "
+            "contains the project's credentials.",
             path,
+            "left by an earlier run" if stale else "after the run",
             error.strerror or error,
         )
         return False
     return True
-
-
-def remove_env_file(folder: Path) -> None:
-    """Remove `.env.local` after a run. A failure is logged, not raised: the
-    run is over, and its history row must still be written."""
-    path = folder / ENV_FILE_NAME
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as error:
-        logger.warning(
-            "Cannot remove %s after the run: %s. Remove it by hand: it holds "
-            "the project's credentials.",
-            path,
-            error.strerror or error,
-        )

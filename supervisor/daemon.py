@@ -36,7 +36,7 @@ from supervisor.credentials import (
     CredentialLookup,
     credential_warnings,
     known_credentials,
-    remove_stale_env_file,
+    remove_env_file,
 )
 from supervisor.errors import StoreError
 from supervisor.lockfile import LockHeld, take_lock
@@ -264,10 +264,12 @@ class Daemon:
             for name, project in self.config.projects.items()
         }
         await end_leftover_runs(self.data_dir, stop_settings)
-        # No run of this daemon is going yet, so a `.env.local` here was left
-        # by a daemon killed during a run, whose row may not even say so.
+        # No run of this daemon has started yet, so a `.env.local` here was
+        # left by a daemon killed during a run, whose row may not record it.
         for project in self.config.projects.values():
-            if not project.keep_env_file and remove_stale_env_file(Path(project.path)):
+            if not project.keep_env_file and remove_env_file(
+                Path(project.path), stale=True
+            ):
                 logger.warning(
                     "removed %s/.env.local, left by an earlier run", project.path
                 )

@@ -232,12 +232,12 @@ async def test_env_file_that_is_a_folder_fails_the_run(
     assert sorted(path.name for path in folder.iterdir()) == [".env.local", "run.sh"]
 
 
-async def test_env_file_that_cannot_be_removed_is_reported(
+async def test_unremovable_env_file_is_logged(
     tmp_path: Path, fast_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The run puts a folder where its `.env.local` was, so removing it after
-    # the run fails. The run's row is still written, and the daemon says
-    # which file to remove, without the secret.
+    # the run fails. The run's row is still written, and the daemon log
+    # names the file to remove, without the secret.
     folder = tmp_path / "project"
     write_script(
         folder,
@@ -256,7 +256,7 @@ async def test_env_file_that_cannot_be_removed_is_reported(
     warnings = [
         record.getMessage()
         for record in caplog.records
-        if "Cannot remove" in record.getMessage()
+        if "Failed to remove" in record.getMessage()
     ]
     assert warnings
     assert str(folder / ".env.local") in warnings[0]
