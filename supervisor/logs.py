@@ -171,8 +171,8 @@ class LineSplitter:
             lines.append(_decode(part))
         return lines
 
-    # NOTE: masking sees each piece of a cut line as a line of its own, so a
-    # secret that straddles a cut at MAX_LINE_BYTES is masked only in part.
+    # NOTE: masking treats each piece of a cut line as a line of its own, so
+    # a secret that straddles a cut at MAX_LINE_BYTES is masked only in part.
     def _cut_overlong_pending(self) -> list[str]:
         lines: list[str] = []
         # A CR at the end may be the first half of a CRLF, which does not

@@ -249,10 +249,9 @@ def check_descriptors() -> None:
     """Raise SpawnError when a spawn would leave fewer than
     RESERVED_DESCRIPTORS file descriptors free.
 
-    Counting lists /proc/self/fd, which is slow while other threads fork. So
-    a count that leaves room for many spawns lets the next checks pass
-    without counting: as many as half of that room holds, at
-    SPAWN_DESCRIPTORS each.
+    Counting lists /proc/self/fd, which is slow while other threads fork.
+    After a count, the next checks pass without counting, up to half the
+    spawns that the free room fits at SPAWN_DESCRIPTORS each.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
@@ -754,10 +753,10 @@ def _adopted_or_leaders() -> list[int] | None:
     """Children of this daemon's main thread: every process it adopted,
     plus run leaders whose spawning worker thread has exited.
 
-    The kernel hands an orphan to the first live thread of the subreaper,
-    which is the main thread, so the worker threads' own lists (which hold
-    only run leaders) need not be read. There may be dozens of them after a
-    burst of spawns, and this runs at the end of every run.
+    The kernel gives an orphan to the first live thread of the subreaper,
+    which is the main thread. The worker threads' lists contain only run
+    leaders, so they are not read: a burst of spawns leaves dozens of
+    worker threads, and this runs at the end of every run.
     """
     pid = os.getpid()
     try:

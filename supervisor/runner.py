@@ -84,7 +84,7 @@ STOPPED_BY_USER = "stopped by user"
 ROW_BEFORE_SPAWN_SECONDS = 2.0
 
 PRUNE_DELAY_SECONDS = 5.0
-"""Seconds between a run's end and the prune of its project's history; one
+"""Seconds between a run's end and the prune of its project's history. One
 prune covers every run that ends meanwhile."""
 
 
@@ -156,12 +156,12 @@ def utc_now(clock: WallClock) -> datetime:
 
 
 def _prepare_files(run_log: RunLog, folder: Path, variables: Mapping[str, str]) -> bool:
-    """Open the run's log and write the project's `.env.local`; return
+    """Open the run's log, write the project's `.env.local`, and return
     whether it was written.
 
-    Called in a worker thread: these are a few blocking file system calls,
-    and when many runs start at once (a fleet at start-up, a minute boundary
-    of many schedules) they would hold up the event loop one after another.
+    Called in a worker thread, because these blocking file system calls
+    would hold up the event loop when many runs start at once (a fleet at
+    start-up, a minute boundary of many schedules).
     """
     run_log.open()
     if not folder.is_dir():

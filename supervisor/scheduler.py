@@ -688,10 +688,9 @@ async def run_schedule(
             now = clock.now()
 
         # `now` may be far past `next_fire` after a forward step of the clock.
-        # Fire times are a minute apart at least, so within a minute of
-        # `next_fire` no later one can have passed, and the search (which
-        # every schedule would make at once at a busy minute boundary) is
-        # left out.
+        # Fire times are at least a minute apart, so within a minute of
+        # `next_fire` no later one can have passed. Skipping the search then
+        # spares a busy minute boundary one search per schedule.
         fire_time = next_fire
         if now - next_fire >= _ONE_MINUTE:
             fire_time = schedule._latest_between(after, now) or next_fire

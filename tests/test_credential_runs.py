@@ -534,7 +534,7 @@ async def test_run_reads_secret_service(
     )
 
 
-async def test_env_file_left_by_a_killed_daemon_is_removed_at_start(
+async def test_stale_env_file_removed_at_start(
     tmp_path: Path, fast_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A daemon killed during a run cannot remove `.env.local`; the next one

@@ -184,7 +184,7 @@ def test_env_file_is_private_while_written(
     tmp_path: Path, open_umask: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The rename comes after the content is written, so the mode of its
-    # source is the mode of the file while it holds secrets under a
+    # source is the mode of the file while it contains secrets under a
     # temporary name.
     modes: list[int] = []
     real_rename = os.rename

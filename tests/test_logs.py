@@ -124,10 +124,10 @@ async def test_splitter_real_child_streams_apart(tmp_path: Path) -> None:
     assert texts(records, Stream.ERR) == ["err-line"]
 
 
-def test_joined_lines_write_the_same_file_as_a_list(tmp_path: Path) -> None:
-    # The splitter hands over most reads as one joined text (`Lines`), which
-    # RunLog writes without splitting; the file must be byte for byte what
-    # the same lines written as a list give.
+def test_joined_lines_match_list_write(tmp_path: Path) -> None:
+    # The splitter returns most reads as one joined text (`Lines`), which
+    # RunLog writes without splitting. The file must match, byte for byte,
+    # the file that the same lines written as a list produce.
     rng = random.Random(7)
     words = ["", "plain", "café ✓", "tab\there", "cr\rinside", "\x00nul", "x" * 300]
     data = b"".join(
@@ -154,7 +154,7 @@ def test_joined_lines_write_the_same_file_as_a_list(tmp_path: Path) -> None:
     assert len(read_run_log(tmp_path / "joined.log")) == data.count(b"\n")
 
 
-def test_lines_behave_as_a_sequence() -> None:
+def test_lines_sequence_access() -> None:
     lines = Lines("a\n\nc")
     assert len(lines) == 3
     assert lines[0] == "a"

@@ -523,9 +523,9 @@ async def test_shutdown_ends_every_group(tmp_path: Path, fast_clock: MockClock) 
 async def test_shutdown_signals_each_run_once(
     tmp_path: Path, fast_clock: MockClock
 ) -> None:
-    # The shutdown signals every group before it cancels the runs; the
-    # stop that follows must not send a second SIGTERM, which many programs
-    # read as "quit at once".
+    # The shutdown signals every group before it cancels the runs. The stop
+    # that follows must not send a second SIGTERM, because many programs
+    # read that as "quit at once".
     names = [f"trap{i}" for i in range(5)]
     config = ""
     for name in names:
@@ -544,24 +544,27 @@ async def test_shutdown_signals_each_run_once(
         trigger = "always_running"
         stop_timeout = "1s"
         """
+
     async with running_daemon(tmp_path, config) as daemon:
         await daemon.wait_for(
             lambda: all((tmp_path / name / "ready").exists() for name in names)
         )
+
     database = Database.open(tmp_path / "data" / "runvisor.db")
     runs = [database.history(name)[0] for name in names]
     database.close()
+
     for name in names:
         assert (tmp_path / name / "terms.log").read_text() == "term\n", name
     assert [run.status for run in runs] == [RunStatus.STOPPED] * len(names)
     assert [run.signal for run in runs] == [signal.SIGKILL] * len(names)
 
 
-async def test_output_printed_while_stopping_at_shutdown_is_logged(
+async def test_shutdown_keeps_stopping_output(
     tmp_path: Path, fast_clock: MockClock
 ) -> None:
-    # A shutdown cancels the runs; what a run prints in its SIGTERM handler
-    # must still reach its log, as it does for a person's stop.
+    # A shutdown cancels the runs, but what a run prints in its SIGTERM
+    # handler must still reach its log, as it does for a person's stop.
     folder = project_folder(
         tmp_path,
         "polite",
