@@ -322,7 +322,7 @@ def remove_env_file(folder: Path, *, stale: bool = False) -> bool:
             "Failed to remove %s (%s): %s. Remove it by hand, because it "
             "contains the project's credentials.",
             path,
-            "left by an earlier run" if stale else "after the run",
+            "found at start-up" if stale else "after the run",
             error.strerror or error,
         )
         return False

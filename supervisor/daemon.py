@@ -270,9 +270,7 @@ class Daemon:
             if not project.keep_env_file and remove_env_file(
                 Path(project.path), stale=True
             ):
-                logger.warning(
-                    "removed %s/.env.local, left by an earlier run", project.path
-                )
+                logger.warning("removed %s/.env.local, found at start-up", project.path)
         lost = await store.mark_lost(datetime.now(UTC))
         for record in lost:
             logger.warning(

@@ -567,7 +567,5 @@ async def test_stale_env_file_removed_at_start(
         assert (tmp_path / "odd" / ".env.local").is_dir()
     messages = [record.getMessage() for record in caplog.records]
     assert not [message for message in messages if "odd" in message]
-    assert f"removed {tmp_path / 'plain'}/.env.local, left by an earlier run" in (
-        messages
-    )
+    assert f"removed {tmp_path / 'plain'}/.env.local, found at start-up" in (messages)
     assert all("left-by-a-crash" not in message for message in messages)
