@@ -264,8 +264,8 @@ class Daemon:
             for name, project in self.config.projects.items()
         }
         await end_leftover_runs(self.data_dir, stop_settings)
-        # No run of this daemon has started yet, so a `.env.local` here was
-        # left by a daemon killed during a run, whose row may not record it.
+        # No run of this daemon has started yet, so a `.env.local` here belongs
+        # to no run, most likely one of a daemon killed during a run.
         for project in self.config.projects.values():
             if not project.keep_env_file and remove_env_file(
                 Path(project.path), stale=True
