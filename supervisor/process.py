@@ -408,12 +408,116 @@ async def end_group(pgid: int, sig: int, timeout: float) -> bool:
     return True
 
 
+class _Leader:
+    """A run's leader process, spawned with `subprocess.Popen` from the
+    event loop's thread, its pipes, and the wait for its exit.
+
+    `trio.lowlevel.open_process` spawns in a worker thread. When 200 runs
+    start at once, those threads fight over the GIL and fork side by side,
+    which delayed the last start of a minute boundary by over 100 ms in
+    bench/. Popen uses vfork here (no `preexec_fn`), so a spawn holds the
+    event loop only until the child has called exec.
+
+    The exit is awaited on a pidfd (Linux 5.3 and later), or else by
+    `waitid(WNOWAIT)` in a worker thread, as trio does.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            self._pidfd = os.pidfd_open(popen.pid)
+        self._watcher_done: trio.Event | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    async def wait(self) -> int:
+        """Wait for the leader to exit, reap it, and return its return code.
+
+        Any number of tasks may wait at once; one of them watches the exit
+        and wakes the others, and when it is cancelled another one takes
+        over.
+        """
+        while self._popen.returncode is None:
+            if self._watcher_done is not None:
+                await self._watcher_done.wait()
+                continue
+            self._watcher_done = trio.Event()
+            try:
+                await self._exited()
+                # The leader has exited, so this reaps it without blocking.
+                self._popen.wait()
+                self._close_pidfd()
+            finally:
+                self._watcher_done.set()
+                self._watcher_done = None
+        return self._popen.returncode
+
+    async def _exited(self) -> None:
+        if self._pidfd is not None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            return
+        await trio.to_thread.run_sync(
+            os.waitid,
+            os.P_PID,
+            self.pid,
+            os.WEXITED | os.WNOWAIT,
+            abandon_on_cancel=True,
+        )
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def close(self) -> None:
+        """Release the pidfd; the leader must have been waited for."""
+        self._close_pidfd()
+
+
+def _spawn(
+    argv: list[str], spec: ProcessSpec
+) -> tuple[_Leader, trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
+    """Start `argv` as the leader of a new session, with its output on two
+    new pipes; return it and the reading ends of those pipes."""
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            argv,
+            cwd=str(spec.cwd),
+            env={**spec.env, **spec.markers},
+            stdin=subprocess.DEVNULL,
+            stdout=out_write,
+            stderr=err_write,
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(out_read)
+        os.close(err_read)
+        raise
+    finally:
+        # The child has its own copies; the pipes reach EOF once every
+        # process of the run has closed them.
+        os.close(out_write)
+        os.close(err_write)
+    return (
+        _Leader(popen),
+        trio.lowlevel.FdStream(out_read),
+        trio.lowlevel.FdStream(err_read),
+    )
+
+
 class ChildProcess:
     """A started run: its leader process, its process group, and the
     processes that left the group but carry the run's markers."""
 
     def __init__(
-        self, process: trio.Process, markers: Mapping[str, str] | None = None
+        self, process: _Leader, markers: Mapping[str, str] | None = None
     ) -> None:
         self._process = process
         self._markers = dict(markers or {})
@@ -566,17 +670,8 @@ async def open_process(
     """
     argv = resolve_argv(spec)
     check_descriptors()
-    _leaders.spawning += 1
     try:
-        process = await trio.lowlevel.open_process(
-            argv,
-            cwd=str(spec.cwd),
-            env={**spec.env, **spec.markers},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        process, stdout, stderr = _spawn(argv, spec)
         _leaders.pids.add(process.pid)
     except OSError as error:
         reason = f"{error.strerror or error}."
@@ -587,14 +682,8 @@ async def open_process(
         elif error.errno in (errno.EMFILE, errno.ENFILE):
             reason += f" {descriptor_limit_message()}"
         raise SpawnError(f"Cannot start {argv[0]!r}: {reason}") from None
-    finally:
-        _leaders.spawning -= 1
-        if _leaders.reap_deferred:
-            reap_orphans_now()
 
     child = ChildProcess(process, spec.markers)
-    assert process.stdout is not None
-    assert process.stderr is not None
     pumps_done = (trio.Event(), trio.Event())
     # Shielded, so a cancellation of the run (a daemon shutdown) does not
     # stop the reading: what the run prints while it stops, such as a
@@ -603,10 +692,10 @@ async def open_process(
     pump_scopes = (trio.CancelScope(shield=True), trio.CancelScope(shield=True))
     async with trio.open_nursery() as pumps:
         pumps.start_soon(
-            _pump, process.stdout, Stream.OUT, on_output, pumps_done[0], pump_scopes[0]
+            _pump, stdout, Stream.OUT, on_output, pumps_done[0], pump_scopes[0]
         )
         pumps.start_soon(
-            _pump, process.stderr, Stream.ERR, on_output, pumps_done[1], pump_scopes[1]
+            _pump, stderr, Stream.ERR, on_output, pumps_done[1], pump_scopes[1]
         )
         try:
             yield child
@@ -628,8 +717,9 @@ async def open_process(
                 for scope in pump_scopes:
                     scope.cancel()
                 pumps.cancel_scope.cancel()
-                await process.stdout.aclose()
-                await process.stderr.aclose()
+                await stdout.aclose()
+                await stderr.aclose()
+                process.close()
                 _leaders.pids.discard(child.pid)
 
 
@@ -642,9 +732,6 @@ class _Leaders:
     """
 
     pids: set[int] = field(default_factory=set)
-    spawning: int = 0
-    """Spawns in progress, whose new pid is not in `pids` yet."""
-    reap_deferred: bool = False
 
 
 _leaders = _Leaders()
@@ -657,17 +744,14 @@ def reap_orphans_now() -> None:
     runs, and each one that exits stays a zombie until the daemon reaps it.
     Reaped here: zombie children outside the daemon's own session, which are
     not run leaders. A child that a library started without a new session
-    keeps the daemon's session and is left to its owner. While a spawn is in
-    progress its leader is not known yet, so the pass waits for its end.
+    keeps the daemon's session and is left to its owner. Spawns run in the
+    event loop's thread too, so a new leader is in `_leaders` before this
+    can run.
 
     NOTE: a child that a library in the daemon starts in a new session (no
     library used here does) would be reaped here, and its owner would read
     exit code 0.
     """
-    if _leaders.spawning:
-        _leaders.reap_deferred = True
-        return
-    _leaders.reap_deferred = False
     own_pid = os.getpid()
     own_session = os.getsid(0)
     # The daemon's children lists (zombies included) spare reading the stat
@@ -750,13 +834,13 @@ def _child_pids(pid: int) -> list[int] | None:
 
 
 def _adopted_or_leaders() -> list[int] | None:
-    """Children of this daemon's main thread: every process it adopted,
-    plus run leaders whose spawning worker thread has exited.
+    """Children of this daemon's main thread: every process it adopted, and
+    the run leaders, which the event loop spawns from that thread.
 
     The kernel gives an orphan to the first live thread of the subreaper,
-    which is the main thread. The worker threads' lists contain only run
-    leaders, so they are not read: a burst of spawns leaves dozens of
-    worker threads, and this runs at the end of every run.
+    which is the main thread. Other threads start no processes, so their
+    lists are not read: a burst of database writes and credential lookups
+    leaves dozens of worker threads, and this runs at the end of every run.
     """
     pid = os.getpid()
     try:

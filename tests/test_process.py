@@ -342,3 +342,67 @@ async def test_tree_walk_finds_a_process_that_left_the_group(tmp_path: Path) -> 
         assert child.escaped() == [escaped]
         await child.stop(signal.SIGTERM, 1.0)
     assert marked_pids("t08-") == []
+
+
+async def test_many_tasks_wait_for_one_leader(tmp_path: Path) -> None:
+    write_script(tmp_path, "sleep 0.3; exit 7")
+    results: list[int | None] = []
+
+    async def waiter(child: process.ChildProcess) -> None:
+        status = await child.wait()
+        results.append(status.exit_code)
+
+    async with (
+        open_process(spec_for(tmp_path), Collector()) as child,
+        trio.open_nursery() as waiters,
+    ):
+        for _ in range(3):
+            waiters.start_soon(waiter, child)
+    assert results == [7, 7, 7]
+
+
+async def test_cancelled_watcher_hands_the_wait_to_another_task(
+    tmp_path: Path,
+) -> None:
+    write_script(tmp_path, "sleep 0.3; exit 3")
+    async with open_process(spec_for(tmp_path), Collector()) as child:
+        with trio.move_on_after(0.05) as first:
+            await child.wait()
+        assert first.cancelled_caught
+        with trio.fail_after(5):
+            status = await child.wait()
+    assert status.exit_code == 3
+
+
+async def test_exit_is_seen_without_pidfd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Faked: kernels before 5.3 have no pidfd_open, so the leader waits with
+    # waitid(WNOWAIT) in a worker thread. This kernel has it, so the call is
+    # made to fail here.
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    write_script(tmp_path, "echo up; sleep 0.2; exit 5")
+    output = Collector()
+    async with open_process(spec_for(tmp_path), output) as child:
+        with trio.fail_after(5):
+            status = await child.wait()
+    assert status.exit_code == 5
+    assert output.text(Stream.OUT) == ["up"]
+
+
+async def test_stop_without_pidfd_ends_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Faked as above: a stop must not hang while a thread waits in waitid.
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    write_script(tmp_path, "exec sleep 1000")
+    async with open_process(spec_for(tmp_path), Collector()) as child:
+        with trio.fail_after(5):
+            status = await child.stop(signal.SIGTERM, 3.0)
+    assert status.signal == signal.SIGTERM
