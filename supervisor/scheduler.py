@@ -29,6 +29,7 @@ and the fire times of all of them are merged.
 from __future__ import annotations
 
 import calendar
+import functools
 import heapq
 import itertools
 import logging
@@ -565,6 +566,16 @@ class CronSchedule:
         return datetime.fromtimestamp(high, UTC)
 
 
+@functools.lru_cache(maxsize=256)
+def _next_fire(schedule: CronSchedule, after: datetime) -> datetime | None:
+    """Return the first fire time of `schedule` after `after`, in UTC.
+
+    Cached: at a minute boundary, every schedule with the same expression
+    and zone asks for the same one, and a search costs about a millisecond.
+    """
+    return next(schedule._fire_times(after), None)
+
+
 def _utc(instant: datetime) -> datetime:
     if instant.tzinfo is None or instant.utcoffset() is None:
         raise ValueError(
@@ -672,7 +683,12 @@ async def run_schedule(
 
     while True:
         after = now if handled is None else max(now, handled)
-        next_fire = next(schedule._fire_times(after), None)
+        if handled is not None and handled <= now < handled + _ONE_MINUTE:
+            # Fire times are at least a minute apart, so none lies in
+            # (handled, now]. Searching after `handled` finds the same next
+            # fire time, and lets the schedules that fired together share it.
+            after = handled
+        next_fire = _next_fire(schedule, after)
         if on_next is not None:
             on_next(next_fire)
         task_status.started()

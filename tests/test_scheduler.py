@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -18,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from supervisor import errors
+from supervisor import errors, scheduler
 from supervisor.model import RunTrigger
 from supervisor.scheduler import (
     CronSchedule,
@@ -996,3 +998,50 @@ async def test_schedule_loop_across_fall_back(
         "2022-10-30T00:30:00+00:00",
         "2022-10-31T01:30:00+00:00",
     ]
+
+
+async def test_schedules_that_fire_together_share_the_next_fire_search(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At a busy minute boundary, every schedule asks for its next fire time
+    # right after firing; schedules with the same expression and zone must
+    # get it from one search, not one search each.
+    scheduler._next_fire.cache_clear()
+    searches = 0
+    search = CronSchedule._fire_times
+
+    def counted(self: CronSchedule, instant: datetime) -> Iterator[datetime]:
+        nonlocal searches
+        searches += 1
+        return search(self, instant)
+
+    monkeypatch.setattr(CronSchedule, "_fire_times", counted)
+    clock = TrioWallClock(BASE)
+
+    class SlowStart(Recorder):
+        def fire(self, fire_time: datetime, trigger: RunTrigger) -> None:
+            super().fire(fire_time, trigger)
+            # Each start takes a millisecond, so the schedules that wake
+            # after it read a later wall time.
+            autojump_clock.jump(0.001)
+
+    targets = [SlowStart(clock) for _ in range(50)]
+
+    with trio.move_on_after(3 * 60):
+        async with trio.open_nursery() as nursery:
+            for target in targets:
+                nursery.start_soon(
+                    partial(
+                        run_schedule,
+                        CronSchedule("* * * * *", "Europe/Paris"),
+                        target,
+                        clock,
+                        last_fire=None,
+                        catch_up=False,
+                    )
+                )
+
+    for target in targets:
+        assert target.fire_times == [at(0, minute) for minute in (1, 2, 3)]
+    # One search at start-up and one after each of the three boundaries.
+    assert searches == 4
