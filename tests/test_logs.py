@@ -154,6 +154,40 @@ def test_joined_lines_match_list_write(tmp_path: Path) -> None:
     assert len(read_run_log(tmp_path / "joined.log")) == data.count(b"\n")
 
 
+def test_ascii_reads_write_the_same_records_as_decoded_ones(tmp_path: Path) -> None:
+    # ASCII reads without NUL or CR skip decoding and are written as the
+    # bytes read; reads with a CR, a NUL or other text are decoded. Both must
+    # give the records that the same lines written as a list give.
+    rng = random.Random(11)
+    plain = [b"plain", b"tab\tthere", b"x" * 120, b""]
+    special = [b"crlf\r", b"cr\rinside", b"\x00nul", "caf\u00e9".encode()]
+    chunks = []
+    for index in range(400):
+        words = plain + (special if index % 3 == 0 else [])
+        lines = [b" ".join(rng.choices(words, k=rng.randint(0, 4))) for _ in range(30)]
+        chunks.append(b"\n".join(lines) + b"\n")
+    joined = RunLog(tmp_path / "joined.log", max_bytes=0, backups=0)
+    listed = RunLog(tmp_path / "listed.log", max_bytes=0, backups=0)
+    splitter = LineSplitter()
+    paths = set()
+    for chunk in chunks:
+        lines = splitter.feed(chunk)
+        assert isinstance(lines, Lines)
+        paths.add(lines.data is not None)
+        assert lines.text == chunk.replace(b"\r\n", b"\n")[:-1].decode().replace(
+            "\x00", "\ufffd"
+        )
+        joined.write(Stream.OUT, lines, 1.5)
+        listed.write(Stream.OUT, list(lines), 1.5)
+    joined.close()
+    listed.close()
+    assert paths == {True, False}
+    assert (tmp_path / "joined.log").read_bytes() == (
+        tmp_path / "listed.log"
+    ).read_bytes()
+    assert len(read_run_log(tmp_path / "joined.log")) == 400 * 30
+
+
 def test_lines_sequence_access() -> None:
     lines = Lines("a\n\nc")
     assert len(lines) == 3
