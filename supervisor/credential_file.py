@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,11 @@ _SALT_BYTES = 16
 _SCRYPT_N = 2**14
 _SCRYPT_R = 8
 _SCRYPT_P = 1
+
+# What `secrets.token_bytes` returns. The secrets module imports hmac, which
+# loads OpenSSL's libcrypto (about 4 MiB of resident memory) into a daemon
+# that writes `.env.local` before every run but may never encrypt anything.
+_random_bytes = os.urandom
 
 
 @dataclass(frozen=True)
@@ -188,11 +192,11 @@ class FileSecrets:
                 "n": _SCRYPT_N,
                 "r": _SCRYPT_R,
                 "p": _SCRYPT_P,
-                "salt": _encode(secrets.token_bytes(_SALT_BYTES)),
+                "salt": _encode(_random_bytes(_SALT_BYTES)),
             },
         }
         key = self._key(header, create=True)
-        nonce = secrets.token_bytes(_NONCE_BYTES)
+        nonce = _random_bytes(_NONCE_BYTES)
         plaintext = json.dumps({"secrets": entries}).encode()
         ciphertext = AESGCM(key).encrypt(nonce, plaintext, _associated_data(header))
         document = {
@@ -326,7 +330,7 @@ def generate_key_file(path: Path) -> bytes:
     When another process creates the file first, its key is returned.
     """
     make_private_dir(path.parent)
-    material = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=")
+    material = base64.urlsafe_b64encode(_random_bytes(32)).rstrip(b"=")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
@@ -350,7 +354,7 @@ def write_private_file(target: Path, content: bytes, *, durable: bool = True) ->
     flushes the content to disk before the rename, so that a power loss
     cannot leave an empty file under the name.
     """
-    temporary = target.with_name(f"{target.name}.{secrets.token_hex(8)}.tmp")
+    temporary = target.with_name(f"{target.name}.{_random_bytes(8).hex()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(temporary, flags, 0o600)
     try:
