@@ -54,6 +54,10 @@ def _load_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from supervisor.deferred import defer
+
+    # Before anything imports trio or sqlite-utils.
+    defer()
     import trio
 
     from supervisor.config import find_config_path
