@@ -380,6 +380,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     request = LogsRequest(
         name=args.name, run_id=args.run_id, follow=args.follow, tail=args.tail
     )
+    ended = False
     with client:
         for message in client.stream(request):
             match message:
@@ -403,10 +404,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     _print_followed(event, args.json, style)
                 case SkippedReply(count=count):
                     note(f"{count} lines skipped: this client read too slowly.")
-                case EndReply(message=text) if text and not args.json:
-                    print(style.paint(f"-- {style.text(text)}", "dim"))
+                case EndReply(message=text):
+                    ended = True
+                    if text and not args.json:
+                        print(style.paint(f"-- {style.text(text)}", "dim"))
             sys.stdout.flush()
+    if not ended:
+        return _daemon_went_away()
     return EXIT_OK
+
+
+def _daemon_went_away() -> int:
+    """Report a stream that the daemon closed before its end."""
+    note(
+        "The daemon closed the connection: it stopped or restarted. "
+        "Run the command again once it is back."
+    )
+    return EXIT_NO_DAEMON
 
 
 def _print_followed(event: Any, as_json: bool, style: Style) -> None:
@@ -476,7 +490,8 @@ def cmd_events(args: argparse.Namespace) -> int:
                         print(format_event(event, style), flush=True)
                 case SkippedReply(count=count):
                     note(f"{count} events skipped: this client read too slowly.")
-    return EXIT_OK
+    # The stream has no end of its own: it ends when the daemon goes away.
+    return _daemon_went_away()
 
 
 # config show, config set, reload

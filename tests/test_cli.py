@@ -685,6 +685,32 @@ def test_logs_follow_across_restarts(daemon: DaemonProcess) -> None:
     assert "started (manual)" in markers[1]
 
 
+@pytest.mark.parametrize("args", [["events"], ["logs", "ticker", "-f"]])
+def test_followers_exit_3_when_the_daemon_stops(
+    daemon: DaemonProcess, args: list[str]
+) -> None:
+    wait_until(lambda: marked_pids("e2e-cli-ticker"))
+    follower = daemon.popen(*args)
+    assert follower.stdout is not None
+    lines = LineReader(follower.stdout)
+    try:
+        # Reading a tick proves the stream is live before the daemon goes.
+        while "tick" not in lines.next():
+            pass
+        daemon.stop()
+        code = follower.wait(10)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        lines.close()
+        assert follower.stderr is not None
+        err = follower.stderr.read()
+        follower.stderr.close()
+    assert code == 3
+    assert "The daemon closed the connection: it stopped or restarted." in err
+
+
 def trigger_once_subscribed(daemon: DaemonProcess, output: LineReader) -> int:
     """Trigger `hello` until the listener prints something, which proves
     its subscription is live, then trigger it once more; return that run's
