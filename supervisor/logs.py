@@ -144,12 +144,26 @@ class LineSplitter:
     Bytes are kept until their newline arrives, so a line or a multi-byte
     character cut across reads comes out whole. A line longer than
     MAX_LINE_BYTES bytes of input is cut into pieces of at most that size,
-    at a character boundary. Invalid UTF-8 and NUL bytes become U+FFFD. A CR
-    before the LF is removed.
+    at a character boundary, and before any of the `keep_whole` texts that
+    would straddle the cut: output is masked piece by piece, so a secret cut
+    in two would be masked in neither piece. Invalid UTF-8 and NUL bytes
+    become U+FFFD. A CR before the LF is removed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_whole: Iterable[str] = ()) -> None:
         self._pending = b""
+        # Texts longer than half a piece could move a cut too far back; a
+        # secret that long is masked within a piece only.
+        self._keep_whole = sorted(
+            {
+                data
+                for data in (text.encode() for text in keep_whole)
+                if 1 < len(data) <= MAX_LINE_BYTES // 2
+            },
+            key=len,
+        )
+        # How many bytes past a cut must be known before cutting there.
+        self._reach = max((len(data) for data in self._keep_whole), default=1) - 1
 
     def feed(self, data: bytes | bytearray) -> Sequence[str]:
         """Add bytes read from the stream and return the lines they complete."""
@@ -194,23 +208,45 @@ class LineSplitter:
         lines: list[str] = []
         for part in body.split(b"\n"):
             while len(part) > MAX_LINE_BYTES:
-                cut = _character_boundary(part, MAX_LINE_BYTES)
+                cut = self._cut(part)
                 lines.append(_decode(part[:cut]))
                 part = part[cut:]
             lines.append(_decode(part))
         return lines
 
-    # NOTE: masking treats each piece of a cut line as a line of its own, so
-    # a secret that straddles a cut at MAX_LINE_BYTES is masked only in part.
     def _cut_overlong_pending(self) -> list[str]:
         lines: list[str] = []
         # A CR at the end may be the first half of a CRLF, which does not
-        # count towards the line's length, so it never forces a cut.
-        while len(self._pending) - self._pending.endswith(b"\r") > MAX_LINE_BYTES:
-            cut = _character_boundary(self._pending, MAX_LINE_BYTES)
+        # count towards the line's length, so it never forces a cut. The
+        # bytes just past the cut must be known, to see what straddles it.
+        while (
+            len(self._pending) - self._pending.endswith(b"\r")
+            > MAX_LINE_BYTES + self._reach
+        ):
+            cut = self._cut(self._pending)
             lines.append(_decode(self._pending[:cut]))
             self._pending = self._pending[cut:]
         return lines
+
+    def _cut(self, data: bytes) -> int:
+        """Return where to cut the overlong line at the start of `data`: at
+        most MAX_LINE_BYTES in, between characters, and before each
+        `keep_whole` text that would straddle the cut."""
+        cut = _character_boundary(data, MAX_LINE_BYTES)
+        # A text that overlaps itself ("abab") can chain occurrences far
+        # back; the floor keeps pieces at least half full.
+        floor = MAX_LINE_BYTES // 2
+        moved = True
+        while moved:
+            moved = False
+            for text in self._keep_whole:
+                # An occurrence inside this window starts before `cut` and
+                # ends after it.
+                start = data.find(text, cut - len(text) + 1, cut + len(text) - 1)
+                if start >= floor:
+                    cut = start
+                    moved = True
+        return cut
 
 
 # Masking
@@ -245,6 +281,11 @@ class Masker:
 
     def __bool__(self) -> bool:
         return bool(self._secrets)
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        """The texts that `mask` replaces, longest first."""
+        return tuple(self._secrets)
 
     def mask(self, text: str) -> str:
         if not self._secrets:

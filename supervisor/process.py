@@ -632,8 +632,9 @@ async def _pump(
     on_output: OutputCallback,
     done: trio.Event,
     scope: trio.CancelScope,
+    keep_whole: Sequence[str],
 ) -> None:
-    splitter = LineSplitter()
+    splitter = LineSplitter(keep_whole)
     try:
         with scope:
             while chunk := await stream.receive_some(READ_CHUNK_BYTES):
@@ -658,13 +659,16 @@ async def open_process(
     *,
     stop_signal: int = signal.SIGTERM,
     stop_timeout: float = 10.0,
+    keep_whole: Sequence[str] = (),
 ) -> AsyncIterator[ChildProcess]:
     """Start a run and yield it; on leaving, make sure it is over.
 
     Leaving the block (normally, by an error or by cancellation) stops the
     leader if it is still running, ends the rest of its process group with
     the same signal and grace period, and drains the pipes, all in a shielded
-    scope. Output lines are passed to `on_output(stream, lines, epoch)`.
+    scope. Output lines are passed to `on_output(stream, lines, epoch)`; an
+    overlong line is cut into pieces, never inside one of the `keep_whole`
+    texts (the secrets that `on_output` masks).
 
     Raises SpawnError when the run cannot be started.
     """
@@ -691,12 +695,14 @@ async def open_process(
     # the pipes close, or when the drain below gives up.
     pump_scopes = (trio.CancelScope(shield=True), trio.CancelScope(shield=True))
     async with trio.open_nursery() as pumps:
-        pumps.start_soon(
-            _pump, stdout, Stream.OUT, on_output, pumps_done[0], pump_scopes[0]
-        )
-        pumps.start_soon(
-            _pump, stderr, Stream.ERR, on_output, pumps_done[1], pump_scopes[1]
-        )
+        for stream, kind, done, scope in zip(
+            (stdout, stderr),
+            (Stream.OUT, Stream.ERR),
+            pumps_done,
+            pump_scopes,
+            strict=True,
+        ):
+            pumps.start_soon(_pump, stream, kind, on_output, done, scope, keep_whole)
         try:
             yield child
         finally:

@@ -648,6 +648,7 @@ class ProjectRunner:
                     on_output,
                     stop_signal=signal.Signals[project.stop_signal],
                     stop_timeout=project.stop_timeout,
+                    keep_whole=masker.values,
                 ) as child:
                     active.child = child
                     record.pid = child.pid

@@ -92,6 +92,13 @@ def write_projects(root: Path) -> None:
         printf '%s\\n' "$MULTI"
         echo "literal=$LITERAL; plain=$PLAIN"
         echo "$STORED$LITERAL$STORED"
+        # Lines over 64 KiB are cut into pieces; here the literal would
+        # straddle the cut, once in an ended line and once in a line that
+        # is cut before its end has been written.
+        printf '%65530s%s tail\n' '' "$LITERAL"
+        printf '%65530s%s%100s' '' "$LITERAL" ''
+        sleep 0.2
+        printf 'end of the long line\n'
         exec -a fault-leaky sleep 1000
         """,
     )
@@ -241,6 +248,13 @@ def test_secrets_appear_nowhere(tmp_path: Path) -> None:
     )
     assert b"token=*** in a line" in leaky_logs
     assert b"literal=***; plain=plain-visible" in leaky_logs
+    # A cut inside a secret would leave its halves unmasked in two records.
+    # Each cut came before the literal, which starts the next piece whole.
+    assert b" out *** tail\n" in leaky_logs
+    assert b" out ***" + b" " * 100 + b"end of the long line\n" in leaky_logs
+    for secret in SECRETS:
+        for half in (secret[: len(secret) // 2], secret[len(secret) // 2 :]):
+            assert half.encode() not in leaky_logs, f"part of {secret!r} in a log"
     assert b'"project":"leaky"' in event_output
     assert b"***" in event_output
     assert b"restarted for health" in printed["history --json"]

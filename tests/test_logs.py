@@ -288,6 +288,46 @@ def test_splitter_cuts_long_line_that_has_not_ended() -> None:
     assert splitter.finish() == ["a" * 10]
 
 
+SECRET = "s3cr3t-v4lu3-Pq8"
+
+
+@pytest.mark.parametrize("offset", [-len(SECRET) + 1, -8, -1, 0])
+@pytest.mark.parametrize("ended", [True, False])
+def test_cut_keeps_a_secret_whole(offset: int, ended: bool) -> None:
+    # The secret starts `offset` bytes from where a plain cut would be; a
+    # negative offset puts the cut inside it. Fed in small reads, so an
+    # unended line is cut while its end is still unknown.
+    line = b"a" * (MAX_LINE_BYTES + offset) + SECRET.encode() + b"b" * 50
+    splitter = LineSplitter(keep_whole=Masker([SECRET]).values)
+    pieces: list[str] = []
+    data = line + b"\n" if ended else line
+    for start in range(0, len(data), 1000):
+        pieces.extend(splitter.feed(data[start : start + 1000]))
+    pieces.extend(splitter.finish())
+    assert "".join(pieces) == line.decode()
+    assert all(len(piece.encode()) <= MAX_LINE_BYTES for piece in pieces)
+    assert sum(SECRET in piece for piece in pieces) == 1
+    masked = [Masker([SECRET]).mask(piece) for piece in pieces]
+    assert not any(SECRET[:8] in piece or SECRET[-8:] in piece for piece in masked)
+
+
+def test_cut_without_secrets_is_at_the_limit() -> None:
+    line = b"a" * (MAX_LINE_BYTES - 3) + SECRET.encode() + b"\n"
+    pieces = LineSplitter().feed(line)
+    assert len(pieces[0]) == MAX_LINE_BYTES
+    assert SECRET not in "".join(pieces[:1])
+
+
+def test_cut_stays_past_half_for_a_self_overlapping_secret() -> None:
+    # Occurrences of "aaaa" overlap all along a line of "a": moving the cut
+    # before each would reach the start of the line.
+    splitter = LineSplitter(keep_whole=["aaaa"])
+    pieces = splitter.feed(b"a" * (MAX_LINE_BYTES * 2) + b"\n")
+    assert len(pieces) >= 3
+    assert all(len(piece) >= MAX_LINE_BYTES // 2 for piece in pieces[:-1])
+    assert "".join(pieces) == "a" * (MAX_LINE_BYTES * 2)
+
+
 @given(
     data=st.binary(max_size=200).map(lambda b: b.replace(b"x", b"\n")),
     cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=10),
