@@ -56,9 +56,10 @@ _SCRYPT_N = 2**14
 _SCRYPT_R = 8
 _SCRYPT_P = 1
 
-# What `secrets.token_bytes` returns. The secrets module imports hmac, which
-# loads OpenSSL's libcrypto (about 4 MiB of resident memory) into a daemon
-# that writes `.env.local` before every run but may never encrypt anything.
+# The source of `secrets.token_bytes`, used directly: the secrets module
+# imports hmac, which loads OpenSSL's libcrypto (about 4 MiB of resident
+# memory) into a daemon that writes `.env.local` through this module before
+# every run but may never encrypt anything.
 _random_bytes = os.urandom
 
 

@@ -65,7 +65,7 @@ class Lines(Sequence[str]):
     which was most of the daemon's CPU time under heavy output.
 
     Lines made `from_ascii` also keep the bytes they were read as, so the log
-    writes them without decoding and encoding them again; `text` is then
+    writes them without decoding and encoding them again. Their `text` is
     decoded on first use.
     """
 
@@ -145,7 +145,7 @@ class LineSplitter:
     character cut across reads comes out whole. A line longer than
     MAX_LINE_BYTES bytes of input is cut into pieces of at most that size,
     at a character boundary, and before any of the `keep_whole` texts that
-    would straddle the cut: output is masked piece by piece, so a secret cut
+    would straddle the cut. Output is masked piece by piece, so a secret cut
     in two would be masked in neither piece. Invalid UTF-8 and NUL bytes
     become U+FFFD. A CR before the LF is removed.
     """

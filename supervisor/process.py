@@ -415,7 +415,7 @@ class _Leader:
     `trio.lowlevel.open_process` spawns in a worker thread. When 200 runs
     start at once, those threads fight over the GIL and fork side by side,
     which delayed the last start of a minute boundary by over 100 ms in
-    bench/. Popen uses vfork here (no `preexec_fn`), so a spawn holds the
+    bench/. Popen uses vfork here (no `preexec_fn`), so a spawn blocks the
     event loop only until the child has called exec.
 
     The exit is awaited on a pidfd (Linux 5.3 and later), or else by
@@ -437,8 +437,8 @@ class _Leader:
     async def wait(self) -> int:
         """Wait for the leader to exit, reap it, and return its return code.
 
-        Any number of tasks may wait at once; one of them watches the exit
-        and wakes the others, and when it is cancelled another one takes
+        Any number of tasks may wait at once. One of them watches for the
+        exit and wakes the others, and if it is cancelled, another one takes
         over.
         """
         while self._popen.returncode is None:
@@ -475,7 +475,7 @@ class _Leader:
             self._pidfd = None
 
     def close(self) -> None:
-        """Release the pidfd; the leader must have been waited for."""
+        """Close the pidfd. Call it only after `wait` has returned."""
         self._close_pidfd()
 
 

@@ -159,9 +159,9 @@ def _prepare_files(run_log: RunLog, folder: Path, variables: Mapping[str, str]) 
     """Open the run's log, write the project's `.env.local`, and return
     whether it was written.
 
-    Called in the event loop's thread: creating two small files on a local
-    disk takes about 0.25 ms, less than a worker-thread hop, and when 200
-    runs start at once (a minute boundary of many schedules) their hops
+    Called in the event loop's thread, because creating two small files on
+    a local disk takes about 0.25 ms, less than a worker-thread hop. When
+    200 runs start at once (a minute boundary of many schedules), their hops
     kept 40 worker threads fighting over the GIL.
     """
     run_log.open()

@@ -570,8 +570,9 @@ class CronSchedule:
 def _next_fire(schedule: CronSchedule, after: datetime) -> datetime | None:
     """Return the first fire time of `schedule` after `after`, in UTC.
 
-    Cached: at a minute boundary, every schedule with the same expression
-    and zone asks for the same one, and a search costs about a millisecond.
+    Cached, because at a minute boundary every schedule with the same
+    expression and zone needs the same one, and a search costs about a
+    millisecond.
     """
     return next(schedule._fire_times(after), None)
 

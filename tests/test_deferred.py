@@ -42,7 +42,7 @@ def test_trio_imports_no_openssl_after_defer() -> None:
     assert result.stdout.split("\n")[0] == "[] False False"
 
 
-def test_stand_in_loads_the_real_module_on_first_use() -> None:
+def test_stand_in_loads_on_first_use() -> None:
     result = run_python(
         """
         from supervisor.deferred import defer, is_loaded

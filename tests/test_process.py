@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -374,16 +375,22 @@ async def test_cancelled_watcher_hands_the_wait_to_another_task(
     assert status.exit_code == 3
 
 
-async def test_exit_is_seen_without_pidfd(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Faked: kernels before 5.3 have no pidfd_open, so the leader waits with
-    # waitid(WNOWAIT) in a worker thread. This kernel has it, so the call is
-    # made to fail here.
-    def no_pidfd(pid: int, flags: int = 0) -> int:
-        raise OSError(38, "Function not implemented")
+@pytest.fixture
+def no_pidfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make pidfd_open fail as on kernels before 5.3.
 
-    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    Faked, because this kernel has it: without it, a leader's exit is
+    awaited with waitid(WNOWAIT) in a worker thread.
+    """
+
+    def fail(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", fail)
+
+
+@pytest.mark.usefixtures("no_pidfd")
+async def test_exit_is_seen_without_pidfd(tmp_path: Path) -> None:
     write_script(tmp_path, "echo up; sleep 0.2; exit 5")
     output = Collector()
     async with open_process(spec_for(tmp_path), output) as child:
@@ -393,14 +400,9 @@ async def test_exit_is_seen_without_pidfd(
     assert output.text(Stream.OUT) == ["up"]
 
 
-async def test_stop_without_pidfd_ends_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Faked as above: a stop must not hang while a thread waits in waitid.
-    def no_pidfd(pid: int, flags: int = 0) -> int:
-        raise OSError(38, "Function not implemented")
-
-    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+@pytest.mark.usefixtures("no_pidfd")
+async def test_stop_without_pidfd_ends_the_run(tmp_path: Path) -> None:
+    # A stop must not hang while a worker thread waits in waitid.
     write_script(tmp_path, "exec sleep 1000")
     async with open_process(spec_for(tmp_path), Collector()) as child:
         with trio.fail_after(5):
