@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -259,35 +259,57 @@ class Masker:
     output is masked one line at a time. Occurrences that overlap, such as
     two secrets sharing a middle part, are replaced as one span, so no piece
     of either one is left visible.
+
+    `shared` is a set that other code may add secrets to later, such as the
+    secrets that other runs wrote into the same folder's `.env.local`. The
+    masker replaces those too, from the first `mask` call after they were
+    added.
     """
 
     MIN_SECRET_LENGTH = 4
     """Shorter values are not masked, since they would hide ordinary text."""
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    def __init__(self, secrets: Iterable[str], shared: Set[str] | None = None) -> None:
+        self._own = tuple(secrets)
+        self._shared = shared
+        self._shared_seen = 0
+        self.ignored = 0
+        """Number of own values skipped for being shorter than MIN_SECRET_LENGTH."""
+        self._secrets = self._collect()
+
+    def _collect(self) -> list[str]:
         values: set[str] = set()
         self.ignored = 0
-        """Number of values skipped for being shorter than MIN_SECRET_LENGTH."""
-        for secret in secrets:
+        shared = tuple(self._shared) if self._shared is not None else ()
+        self._shared_seen = len(shared)
+        for secret in (*self._own, *shared):
             candidates = [secret]
             if "\n" in secret or "\r" in secret:
                 candidates.extend(secret.splitlines())
             for candidate in candidates:
                 if len(candidate) >= self.MIN_SECRET_LENGTH:
                     values.add(candidate)
-                elif candidate is secret:
+                elif candidate is secret and secret in self._own:
                     self.ignored += 1
-        self._secrets = sorted(values, key=len, reverse=True)
+        return sorted(values, key=len, reverse=True)
+
+    def _refresh(self) -> None:
+        # The shared set only grows, so a new size means new secrets.
+        if self._shared is not None and len(self._shared) != self._shared_seen:
+            self._secrets = self._collect()
 
     def __bool__(self) -> bool:
+        self._refresh()
         return bool(self._secrets)
 
     @property
     def values(self) -> tuple[str, ...]:
         """The texts that `mask` replaces, longest first."""
+        self._refresh()
         return tuple(self._secrets)
 
     def mask(self, text: str) -> str:
+        self._refresh()
         if not self._secrets:
             return text
         spans: list[tuple[int, int]] = []

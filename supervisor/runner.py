@@ -112,6 +112,9 @@ class RuntimeContext:
     settings: DaemonSettings
     clock: WallClock
     credentials: CredentialLookup
+    folder_secrets: dict[str, set[str]] = field(default_factory=dict)
+    """The secrets written into each project folder's `.env.local` since
+    start-up, by folder path."""
 
     @property
     def logs_dir(self) -> Path:
@@ -620,7 +623,12 @@ class ProjectRunner:
                 # each other's open files.
                 check_descriptors()
                 resolved = await resolve_env(project, context.credentials)
-                masker = Masker(resolved.secrets)
+                # Projects that share a folder share its `.env.local`, and a
+                # run may print what another project's run wrote there. So
+                # each run masks the secrets of every run in its folder.
+                shared = context.folder_secrets.setdefault(str(folder), set())
+                shared.update(resolved.secrets)
+                masker = Masker(resolved.secrets, shared)
                 markers = run_markers(context.settings.data_dir, self.name, record.id)
                 env = child_environment(
                     {

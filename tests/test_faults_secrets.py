@@ -63,6 +63,13 @@ timeout = "1s"
 stop_timeout = "1s"
 env = {{ STORED = {{ credential = "stored" }} }}
 
+# No secrets of its own, but it shares the folder, and so `.env.local`, of
+# `leaky`, and prints that file once `leaky` has written its secrets there.
+[projects.neighbour]
+trigger = "manual"
+path = "{root / "leaky"}"
+command = "./neighbour.sh"
+
 [projects.probed]
 trigger = "always_running"
 path = "{root / "probed"}"
@@ -108,6 +115,14 @@ def write_projects(root: Path) -> None:
         while :; do echo "still $STORED"; sleep 0.1; done
         """,
         name="slow.sh",
+    )
+    write_script(
+        root / "leaky",
+        """
+        until grep -q LITERAL .env.local 2>/dev/null; do sleep 0.05; done
+        cat .env.local
+        """,
+        name="neighbour.sh",
     )
     write_script(root / "probed", "exec -a fault-probed sleep 1000")
     write_script(
@@ -168,7 +183,16 @@ def test_secrets_appear_nowhere(tmp_path: Path) -> None:
             env=env,
         )
         try:
+            # Started first, so its run masks secrets that appear after it
+            # started.
+            cli("trigger", "neighbour")
             cli("trigger", "leaky")
+            wait_until(
+                lambda: (
+                    query(db, "SELECT status FROM runs WHERE project = 'neighbour'")
+                    == [("succeeded",)]
+                )
+            )
             wait_until(
                 lambda: any(p.project == "leaky" for p in run_processes(daemon.tag))
             )
@@ -247,6 +271,11 @@ def test_secrets_appear_nowhere(tmp_path: Path) -> None:
         path.read_bytes() for path in (tmp_path / "data" / "logs" / "leaky").iterdir()
     )
     assert b"token=*** in a line" in leaky_logs
+    neighbour_logs = b"".join(
+        path.read_bytes()
+        for path in (tmp_path / "data" / "logs" / "neighbour").iterdir()
+    )
+    assert b"export LITERAL='***'" in neighbour_logs
     assert b"literal=***; plain=plain-visible" in leaky_logs
     # A cut inside a secret would leave its halves unmasked in two records.
     # Each cut came before the literal, which starts the next piece whole.

@@ -351,6 +351,15 @@ def test_splitter_loses_no_text(data: bytes) -> None:
 # Masker
 
 
+def test_masker_picks_up_later_shared_secrets() -> None:
+    shared: set[str] = set()
+    masker = Masker(["own-secret"], shared)
+    assert masker.mask("own-secret and other-secret") == "*** and other-secret"
+    shared.add("other-secret")
+    assert masker.mask("own-secret and other-secret") == "*** and ***"
+    assert "other-secret" in masker.values
+
+
 def test_masker_replaces_every_occurrence() -> None:
     masker = Masker(["hunter22"])
     assert masker.mask("a hunter22 b hunter22") == "a *** b ***"
