@@ -140,7 +140,29 @@ def check_config(path: Path) -> tuple[Config | None, list[str], list[str]]:
         )
     for project in config.projects.values():
         _warn_about_project(warnings, project)
+    _warn_about_shared_folders(warnings, config)
     return config, [], warnings.messages()
+
+
+def _warn_about_shared_folders(warnings: Problems, config: Config) -> None:
+    """Warn about projects that share a folder while one of them maps
+    variables: each run rewrites and then removes the folder's `.env.local`."""
+    by_folder: dict[str, list[ProjectConfig]] = {}
+    for project in config.projects.values():
+        folder = os.path.realpath(os.path.expanduser(project.path))
+        by_folder.setdefault(folder, []).append(project)
+    for folder, projects in by_folder.items():
+        if len(projects) < 2 or not any(project.env for project in projects):
+            continue
+        names = ", ".join(repr(project.name) for project in projects)
+        for project in projects:
+            warnings.add(
+                ("projects", project.name, "path"),
+                f"projects {names} share the folder {folder}, so their runs "
+                "overwrite and remove each other's .env.local and can read "
+                "each other's variables (each run masks the secrets of all "
+                "of them). Give each project its own folder.",
+            )
 
 
 def diff_configs(old: Config, new: Config) -> ConfigDiff:

@@ -1786,6 +1786,38 @@ def test_short_secret_warns_without_value(tmp_path: Path) -> None:
     assert "x9z" not in warnings[0]
 
 
+@pytest.mark.parametrize("mapped", [True, False])
+def test_shared_folder_warns_when_variables_are_mapped(
+    tmp_path: Path, mapped: bool
+) -> None:
+    folder = _runnable_project(tmp_path)
+    env = 'env = { TOKEN = { value = "long enough" } }' if mapped else ""
+    path = write(
+        tmp_path,
+        f"""
+        [projects.app]
+        trigger = "manual"
+        {env}
+
+        [projects.second]
+        trigger = "manual"
+        path = "{folder}/"
+        """,
+    )
+
+    _, errors, warnings = check_config(path)
+
+    assert errors == []
+    if not mapped:
+        assert warnings == []
+        return
+    assert len(warnings) == 2
+    assert warnings[1].startswith(f"{path}:7: projects.second.path: projects ")
+    assert f"'app', 'second' share the folder {folder}" in warnings[0]
+    assert "Give each project its own folder." in warnings[1]
+    assert "long enough" not in "".join(warnings)
+
+
 def test_missing_folder_warns(tmp_path: Path) -> None:
     path = write(tmp_path, '[projects.app]\ntrigger = "manual"\npath = "later"\n')
 
