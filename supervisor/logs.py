@@ -33,7 +33,7 @@ from typing import Protocol, overload
 import msgspec
 import trio
 
-from .model import Event, Stream
+from .model import Event, LogEvent, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -676,7 +676,13 @@ class Skipped(msgspec.Struct, tag="skipped", frozen=True):
 
 
 class Subscription:
-    """A subscriber's bounded queue of events."""
+    """A subscriber's bounded queue of events.
+
+    When the queue is full, log lines are dropped first: lifecycle events
+    (state, started, completed, health, reload) still get up to `max_queue`
+    more places, because a follower that misses a run's end cannot tell
+    that it ended.
+    """
 
     def __init__(self, max_queue: int, where: Callable[[Event], bool] | None) -> None:
         self.max_queue = max_queue
@@ -704,7 +710,10 @@ class Subscription:
     def _offer(self, event: Event) -> None:
         if self._where is not None and not self._where(event):
             return
-        if len(self._items) >= self.max_queue:
+        room = self.max_queue
+        if not isinstance(event, LogEvent):
+            room *= 2
+        if len(self._items) >= room:
             self._skipped += 1
             self.dropped += 1
             return

@@ -41,7 +41,7 @@ from supervisor.logs import (
     read_run_log,
     run_log_path,
 )
-from supervisor.model import LogEvent, Stream
+from supervisor.model import CompletedEvent, LogEvent, RunStatus, Stream
 
 AT = datetime(2026, 12, 4, 17, 43, 26, 123000, tzinfo=UTC)
 
@@ -682,6 +682,30 @@ async def test_hub_slow_subscriber_gets_skipped_count() -> None:
         # The full queue of one subscriber costs the others nothing.
         assert roomy.dropped == 0
         assert await roomy.receive() == log_event("line 0")
+
+
+async def test_hub_keeps_lifecycle_events_past_a_full_queue() -> None:
+    hub = Hub()
+    ended = CompletedEvent(
+        project="web",
+        run_id=1,
+        status=RunStatus.FAILED,
+        exit_code=1,
+        signal=None,
+        reason="exit code 1",
+        at=AT,
+    )
+    with hub.subscribe(max_queue=2) as subscription:
+        for i in range(5):
+            hub.publish(log_event(f"line {i}"))
+        hub.publish(ended)
+        hub.publish(log_event("after the end"))
+        assert subscription.dropped == 4
+        assert await subscription.receive() == log_event("line 0")
+        assert await subscription.receive() == log_event("line 1")
+        assert await subscription.receive() == Skipped(3)
+        assert await subscription.receive() == ended
+        assert await subscription.receive() == Skipped(1)
 
 
 async def test_hub_reports_skips_when_nothing_follows() -> None:
