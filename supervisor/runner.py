@@ -351,7 +351,9 @@ class ProjectRunner:
             trigger=self.mode,
             state=self.state,
             reason=self.reason,
-            health=self.health,
+            # Probes belong to a run: with none running, the last result is
+            # stale, and a stopped project would show as "healthy".
+            health=self.health if current else Health.UNKNOWN,
             last_probe_at=self.last_probe_at,
             pid=current.record.pid if current else None,
             run_id=current.record.id if current else None,
@@ -724,7 +726,9 @@ class ProjectRunner:
             self.runs.pop(record.id, None)
             if not self.runs:
                 self._idle.set()
-            logger.info(
+            failed = record.status in (RunStatus.FAILED, RunStatus.TIMED_OUT)
+            logger.log(
+                logging.WARNING if failed else logging.INFO,
                 "%s: project=%s run=%d pid=%s exit_code=%s signal=%s %s",
                 "stopped" if record.status == RunStatus.STOPPED else "exited",
                 self.name,

@@ -876,8 +876,11 @@ async def test_healthy_probe_reports_health(
             now = daemon.wall.now()
             stored = await stored_health_events(daemon)
             await daemon.manager.stop("app")
+            (stopped,) = daemon.manager.status("app")
 
     assert status.health == Health.HEALTHY
+    # No run, no probes: the last result no longer describes the project.
+    assert stopped.health == Health.UNKNOWN
     assert status.last_probe_at is not None
     assert status.started_at is not None
     assert (status.last_probe_at - status.started_at).total_seconds() >= 2.0

@@ -7,10 +7,12 @@ Children are real processes; durations run on trio's MockClock (see the
 from __future__ import annotations
 
 import itertools
+import logging
 import signal
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from trio.testing import MockClock
 
 from supervisor.logs import read_run_log
@@ -339,6 +341,29 @@ async def test_clean_exit_is_not_restarted_on_failure(
         (run,) = await daemon.wait_runs("once", 1)
     assert run.status == RunStatus.SUCCEEDED
     assert len((folder / "starts.log").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("code", "level"), [(0, "INFO"), (3, "WARNING")])
+async def test_run_end_is_logged_by_outcome(
+    tmp_path: Path,
+    fast_clock: MockClock,
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+    level: str,
+) -> None:
+    folder = project_folder(tmp_path, "job", f"exit {code}")
+    config = f"""
+    [projects.job]
+    path = "{folder}"
+    trigger = "manual"
+    """
+    caplog.set_level(logging.INFO, logger="supervisor.runner")
+    async with running_daemon(tmp_path, config) as daemon:
+        daemon.manager.trigger("job")
+        await daemon.wait_runs("job", 1)
+    (ended,) = [r for r in caplog.records if r.getMessage().startswith("exited:")]
+    assert ended.levelname == level
+    assert f"exit_code={code}" in ended.getMessage()
 
 
 async def test_backoff_gaps_grow_and_reset_after_stable_run(
