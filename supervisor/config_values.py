@@ -246,13 +246,28 @@ def check_timezone(problems: Problems, key: Key, value: object) -> str | None:
         zoneinfo.ZoneInfo(name)
     # ZoneInfo raises IsADirectoryError for a folder of zones such as "Europe".
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        known = _zone_with_other_case(name)
+        hint = (
+            f'Did you mean "{known}"?'
+            if known
+            else 'Expected an IANA time zone name such as "Europe/Paris" or "UTC".'
+        )
         problems.add(
             key,
-            f"unknown time zone {quote_string(name)}: expected an IANA time zone name "
-            'such as "Europe/Paris" or "UTC". Leave the key out to use local time.',
+            f"unknown time zone {quote_string(name)}. {hint} Leave the key out "
+            "to use local time.",
         )
         return None
     return name
+
+
+def _zone_with_other_case(name: str) -> str | None:
+    """Return the time zone whose name differs from `name` only in case."""
+    wanted = name.casefold()
+    for zone in zoneinfo.available_timezones():
+        if zone.casefold() == wanted:
+            return zone
+    return None
 
 
 def check_stop_signal(problems: Problems, key: Key, value: object) -> str | None:

@@ -1116,7 +1116,11 @@ def test_cron_with_timezone_loads(tmp_path: Path) -> None:
     [
         (
             "Mars/Olympus_Mons",
-            'unknown time zone "Mars/Olympus_Mons": expected an IANA',
+            'unknown time zone "Mars/Olympus_Mons". Expected an IANA',
+        ),
+        (
+            "europe/paris",
+            'unknown time zone "europe/paris". Did you mean "Europe/Paris"?',
         ),
         ("../etc/passwd", 'unknown time zone "../etc/passwd"'),
         ("Europe/", 'unknown time zone "Europe/"'),
