@@ -141,7 +141,33 @@ def check_config(path: Path) -> tuple[Config | None, list[str], list[str]]:
     for project in config.projects.values():
         _warn_about_project(warnings, project)
     _warn_about_shared_folders(warnings, config)
+    _warn_about_readable_secrets(warnings, config, path)
     return config, [], warnings.messages()
+
+
+def _warn_about_readable_secrets(
+    warnings: Problems, config: Config, path: Path
+) -> None:
+    """Warn when a config that holds secret literals is readable by others."""
+    literals = [
+        (project.name, name)
+        for project in config.projects.values()
+        for name, value in project.env.items()
+        if isinstance(value, SecretValue)
+    ]
+    if not literals:
+        return
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        project, name = literals[0]
+        warnings.add(
+            ("projects", project, "env", name),
+            f"the config file holds secret literals but has mode {mode:04o}, so "
+            f"other users may read them. Run 'chmod 600 {path}'.",
+        )
 
 
 def _warn_about_shared_folders(warnings: Problems, config: Config) -> None:

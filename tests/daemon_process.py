@@ -45,6 +45,8 @@ class DaemonProcess:
             f'socket = "{self.socket}"\n'
         )
         self.config.write_text(header + textwrap.dedent(projects))
+        # Private, as the README asks of a config with secrets in it.
+        self.config.chmod(0o600)
 
     def start(self) -> DaemonProcess:
         with self.log.open("ab") as log:

@@ -59,6 +59,8 @@ def write(tmp_path: Path, text: str, name: str = "runvisor.toml") -> Path:
     opening triple quote."""
     path = tmp_path / name
     path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    # Private, as the README asks of a config with secrets in it.
+    path.chmod(0o600)
     return path
 
 
@@ -1820,6 +1822,29 @@ def test_shared_folder_warns_when_variables_are_mapped(
     assert f"'app', 'second' share the folder {folder}" in warnings[0]
     assert "Give each project its own folder." in warnings[1]
     assert "long enough" not in "".join(warnings)
+
+
+def test_readable_config_with_secret_literals_warns(tmp_path: Path) -> None:
+    _runnable_project(tmp_path)
+    path = write(
+        tmp_path,
+        """
+        [projects.app]
+        trigger = "manual"
+        env = { TOKEN = { value = "long enough" } }
+        """,
+    )
+    _, _, private = check_config(path)
+    path.chmod(0o644)
+
+    _, errors, warnings = check_config(path)
+
+    assert private == []
+    assert errors == []
+    assert warnings == [
+        f"{path}:3: projects.app.env.TOKEN: the config file holds secret literals "
+        f"but has mode 0644, so other users may read them. Run 'chmod 600 {path}'."
+    ]
 
 
 def test_missing_folder_warns(tmp_path: Path) -> None:
