@@ -196,6 +196,10 @@ def get_credential(session: Session, args: argparse.Namespace) -> int:
     binary = getattr(sys.stdout, "buffer", None)
     if binary is not None:
         binary.write(value.encode())
+        # On a terminal, end the line so the next prompt starts on its own.
+        # In a pipe the value stays exact, with no newline added.
+        if sys.stdout.isatty():
+            binary.write(b"\n")
         binary.flush()
     else:
         # A newline, so that the prompt follows on a line of its own.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +46,29 @@ def test_add_then_get_returns_exact_bytes(cli: Cli) -> None:
     assert got.stdout == HOSTILE_SECRET.encode()
     assert not Path("/tmp/f14-pwned").exists()
     assert not Path("/tmp/f14-pwned2").exists()
+
+
+def test_get_ends_the_line_on_a_terminal(cli: Cli) -> None:
+    cli.run("creds", "add", "db", stdin=b"plain-value\n", check=True)
+    leader, follower = os.openpty()
+    try:
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "supervisor", "--config", str(cli.config)),
+                *("creds", "get", "db"),
+            ],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            env=cli.env,
+            timeout=60,
+        )
+        output = os.read(leader, 1024)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert result.returncode == 0, result.stderr
+    # The terminal turns "\n" into "\r\n".
+    assert output == b"plain-value\r\n"
 
 
 @pytest.mark.parametrize(
