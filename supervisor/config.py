@@ -148,7 +148,7 @@ def check_config(path: Path) -> tuple[Config | None, list[str], list[str]]:
 def _warn_about_readable_secrets(
     warnings: Problems, config: Config, path: Path
 ) -> None:
-    """Warn when a config that holds secret literals is readable by others."""
+    """Warn when a config that contains secret literals is readable by others."""
     literals = [
         (project.name, name)
         for project in config.projects.values()
@@ -165,7 +165,7 @@ def _warn_about_readable_secrets(
         project, name = literals[0]
         warnings.add(
             ("projects", project, "env", name),
-            f"the config file holds secret literals but has mode {mode:04o}, so "
+            f"the config file contains secret literals but has mode {mode:04o}, so "
             f"other users may read them. Run 'chmod 600 {path}'.",
         )
 

@@ -448,7 +448,7 @@ class RunLog:
             return
         prefix = f"{self._format_time(at)} {stream} "
         if isinstance(lines, Lines):
-            # One record per line by construction: the text holds exactly
+            # One record per line by construction: the text contains exactly
             # len(lines) - 1 line breaks.
             if lines.data is not None:
                 head = prefix.encode()

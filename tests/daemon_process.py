@@ -45,7 +45,7 @@ class DaemonProcess:
             f'socket = "{self.socket}"\n'
         )
         self.config.write_text(header + textwrap.dedent(projects))
-        # Private, as the README asks of a config with secrets in it.
+        # Private, as the README requires of a config with secrets in it.
         self.config.chmod(0o600)
 
     def start(self) -> DaemonProcess:

@@ -59,7 +59,7 @@ def write(tmp_path: Path, text: str, name: str = "runvisor.toml") -> Path:
     opening triple quote."""
     path = tmp_path / name
     path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    # Private, as the README asks of a config with secrets in it.
+    # Private, as the README requires of a config with secrets in it.
     path.chmod(0o600)
     return path
 
@@ -1842,7 +1842,7 @@ def test_readable_config_with_secret_literals_warns(tmp_path: Path) -> None:
     assert private == []
     assert errors == []
     assert warnings == [
-        f"{path}:3: projects.app.env.TOKEN: the config file holds secret literals "
+        f"{path}:3: projects.app.env.TOKEN: the config file contains secret literals "
         f"but has mode 0644, so other users may read them. Run 'chmod 600 {path}'."
     ]
 
