@@ -143,8 +143,14 @@ def test_example_runs_and_restarts_after_kill(example: Example) -> None:
     os.kill(int(first["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
 
     def restarted() -> list[dict[str, object]]:
+        # A run's row is written before its child exists, so it may show
+        # as running without a pid for a moment.
         runs = example.history("web")
-        return [r for r in runs if r["id"] != first["id"] and r["status"] == "running"]
+        return [
+            r
+            for r in runs
+            if r["id"] != first["id"] and r["status"] == "running" and r["pid"]
+        ]
 
     second = wait_until(restarted)[0]
     assert second["trigger"] == "restart"
