@@ -263,9 +263,9 @@ def check_timezone(problems: Problems, key: Key, value: object) -> str | None:
 
 def _zone_with_other_case(name: str) -> str | None:
     """Return the time zone whose name differs from `name` only in case."""
-    wanted = name.casefold()
+    folded = name.casefold()
     for zone in zoneinfo.available_timezones():
-        if zone.casefold() == wanted:
+        if zone.casefold() == folded:
             return zone
     return None
 

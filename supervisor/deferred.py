@@ -68,6 +68,6 @@ def defer(names: tuple[str, ...] = CRYPTO_MODULES) -> list[str]:
 
 
 def is_loaded(name: str) -> bool:
-    """Whether the real module `name` has been imported."""
+    """Return whether the real module `name` has been imported."""
     module = sys.modules.get(name)
     return module is not None and not isinstance(module, _Deferred)

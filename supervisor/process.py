@@ -450,7 +450,7 @@ class _Leader:
                 await self._exited()
                 # The leader has exited, so this reaps it without blocking.
                 self._popen.wait()
-                self._close_pidfd()
+                self.close()
             finally:
                 self._watcher_done.set()
                 self._watcher_done = None
@@ -468,15 +468,12 @@ class _Leader:
             abandon_on_cancel=True,
         )
 
-    def _close_pidfd(self) -> None:
+    def close(self) -> None:
+        """Close the pidfd. Call it only once the leader has been reaped."""
         if self._pidfd is not None:
             trio.lowlevel.notify_closing(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
-
-    def close(self) -> None:
-        """Close the pidfd. Call it only after `wait` has returned."""
-        self._close_pidfd()
 
 
 def _spawn(

@@ -99,9 +99,9 @@ def write_projects(root: Path) -> None:
         printf '%s\\n' "$MULTI"
         echo "literal=$LITERAL; plain=$PLAIN"
         echo "$STORED$LITERAL$STORED"
-        # Lines over 64 KiB are cut into pieces; here the literal would
-        # straddle the cut, once in an ended line and once in a line that
-        # is cut before its end has been written.
+        # Lines over 64 KiB are cut into pieces. Here the literal would
+        # straddle the cut twice: in an ended line, and in a line that is
+        # cut before its end has been written.
         printf '%65530s%s tail\n' '' "$LITERAL"
         printf '%65530s%s%100s' '' "$LITERAL" ''
         sleep 0.2

@@ -154,9 +154,9 @@ def test_joined_lines_match_list_write(tmp_path: Path) -> None:
     assert len(read_run_log(tmp_path / "joined.log")) == data.count(b"\n")
 
 
-def test_ascii_reads_write_the_same_records_as_decoded_ones(tmp_path: Path) -> None:
+def test_ascii_and_decoded_reads_write_same_records(tmp_path: Path) -> None:
     # ASCII reads without NUL or CR skip decoding and are written as the
-    # bytes read; reads with a CR, a NUL or other text are decoded. Both must
+    # bytes read. Reads with a CR, a NUL or other text are decoded. Both must
     # give the records that the same lines written as a list give.
     rng = random.Random(11)
     plain = [b"plain", b"tab\tthere", b"x" * 120, b""]
@@ -318,7 +318,7 @@ def test_cut_without_secrets_is_at_the_limit() -> None:
     assert SECRET not in "".join(pieces[:1])
 
 
-def test_cut_stays_past_half_for_a_self_overlapping_secret() -> None:
+def test_cut_floor_for_self_overlapping_secret() -> None:
     # Occurrences of "aaaa" overlap all along a line of "a": moving the cut
     # before each would reach the start of the line.
     splitter = LineSplitter(keep_whole=["aaaa"])

@@ -1000,11 +1000,11 @@ async def test_schedule_loop_across_fall_back(
     ]
 
 
-async def test_schedules_that_fire_together_share_the_next_fire_search(
+async def test_fired_schedules_share_next_fire_search(
     autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # At a busy minute boundary, every schedule asks for its next fire time
-    # right after firing; schedules with the same expression and zone must
+    # At a busy minute boundary, every schedule needs its next fire time
+    # right after firing. Schedules with the same expression and zone must
     # get it from one search, not one search each.
     scheduler._next_fire.cache_clear()
     searches = 0
