@@ -195,20 +195,9 @@ def describe_missing_interpreter(spec: ProcessSpec, program: str) -> str | None:
     The kernel reports a missing `#!` interpreter, or a missing ELF loader,
     as ENOENT of the program itself.
     """
-    if "/" in program:
-        path: str | None = os.path.join(spec.cwd, program)
-    else:
-        search_path = spec.env.get("PATH", os.defpath)
-        path = shutil.which(program, path=search_path)
-    if path is None or not os.path.isfile(path):
+    first_line = _first_line(_program_path(spec, program))
+    if first_line is None:
         return None
-    try:
-        with open(path, "rb") as file:
-            # Linux reads at most this much of a script for its '#!' line.
-            first_line = file.read(SHEBANG_MAX_BYTES).split(b"\n", 1)[0]
-    except OSError:
-        return None
-
     if not first_line.startswith(b"#!"):
         return (
             "the file exists, so the dynamic loader named in it is probably "
@@ -224,6 +213,59 @@ def describe_missing_interpreter(spec: ProcessSpec, program: str) -> str | None:
             "with Unix (LF) line endings."
         )
     return f"{reason} Install it or fix the '#!' line."
+
+
+def _program_path(spec: ProcessSpec, program: str) -> str | None:
+    """The file that exec of `program` runs, or None when none is found."""
+    if "/" in program:
+        return os.path.join(spec.cwd, program)
+    return shutil.which(program, path=spec.env.get("PATH", os.defpath))
+
+
+def _first_line(path: str | None) -> bytes | None:
+    """The first line of a file as the kernel reads it for a '#!' line, or
+    None when the file is missing or unreadable."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as file:
+            # Linux reads at most this much of a script for its '#!' line.
+            return file.read(SHEBANG_MAX_BYTES).split(b"\n", 1)[0]
+    except OSError:
+        return None
+
+
+# Options on a '#!/bin/bash' line under which bash still reads BASH_ENV, and
+# runs the gate before any line of the script. (`-p` and `--posix` skip
+# BASH_ENV; `-x` would print the gate's lines into the run's log.)
+_GATE_SAFE_OPTIONS = re.compile(rb"-[eu]+")
+
+
+def can_hold(spec: ProcessSpec, argv: Sequence[str]) -> bool:
+    """Whether a run of `argv` can be started ahead of time and held at a
+    gate: its leader must be bash running a script, so that BASH_ENV runs
+    the gate first.
+
+    That is `bash SCRIPT ...`, or a script whose '#!' line names bash
+    (`#!/bin/bash`, `#!/usr/bin/env bash`, with at most the options -e and -u).
+    """
+    if "BASH_ENV" in spec.env:
+        return False
+    program = argv[0]
+    if os.path.basename(program) == "bash":
+        return len(argv) > 1 and not argv[1].startswith("-")
+    first_line = _first_line(_program_path(spec, program))
+    if first_line is None or not first_line.startswith(b"#!"):
+        return False
+    words = re.split(rb"[ \t]+", first_line[2:].strip(b" \t"))
+    interpreter = os.path.basename(words[0])
+    if interpreter == b"env":
+        return words[1:] == [b"bash"]
+    if interpreter != b"bash":
+        return False
+    return len(words) == 1 or (
+        len(words) == 2 and _GATE_SAFE_OPTIONS.fullmatch(words[1]) is not None
+    )
 
 
 def descriptor_limit_message(in_use: int | None = None) -> str:
@@ -477,21 +519,33 @@ class _Leader:
 
 
 def _spawn(
-    argv: list[str], spec: ProcessSpec
+    argv: list[str], spec: ProcessSpec, gate: tuple[Path, int] | None = None
 ) -> tuple[_Leader, trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
     """Start `argv` as the leader of a new session, with its output on two
-    new pipes; return it and the reading ends of those pipes."""
+    new pipes; return it and the reading ends of those pipes.
+
+    With `gate` (a gate script and the reading end of a pipe), bash runs
+    the script through BASH_ENV before the run's own script.
+    """
+    env = {**spec.env, **spec.markers}
+    pass_fds: tuple[int, ...] = ()
+    if gate is not None:
+        script, gate_read = gate
+        env["BASH_ENV"] = str(script)
+        env[GATE_FD_VARIABLE] = str(gate_read)
+        pass_fds = (gate_read,)
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     try:
         popen = subprocess.Popen(
             argv,
             cwd=str(spec.cwd),
-            env={**spec.env, **spec.markers},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=out_write,
             stderr=err_write,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
     except BaseException:
         os.close(out_read)
@@ -649,6 +703,130 @@ async def _pump(
         done.set()
 
 
+def _start(
+    argv: list[str], spec: ProcessSpec, gate: tuple[Path, int] | None = None
+) -> tuple[_Leader, trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
+    """`_spawn`, with the leader registered and errors as SpawnError."""
+    check_descriptors()
+    try:
+        started = _spawn(argv, spec, gate)
+    except OSError as error:
+        reason = f"{error.strerror or error}."
+        if error.errno == errno.ENOEXEC:
+            reason = "exec format error (is the first line a valid '#!' line?)."
+        elif error.errno == errno.ENOENT:
+            reason = describe_missing_interpreter(spec, argv[0]) or reason
+        elif error.errno in (errno.EMFILE, errno.ENFILE):
+            reason += f" {descriptor_limit_message()}"
+        raise SpawnError(f"Cannot start {argv[0]!r}: {reason}") from None
+    _leaders.pids.add(started[0].pid)
+    return started
+
+
+# The gate that holds a run started ahead of its fire time: bash reads it
+# through BASH_ENV before the first line of the run's script, waits for
+# "go" on the pipe, and exits when the pipe closes without it (the run was
+# called off, or the daemon died), so the script never runs unsupervised.
+GATE_SCRIPT = """\
+# Written by runvisor: holds a scheduled run at its start until the fire time.
+IFS= read -r -u "$RUNVISOR_GATE_FD" __runvisor_go || exit 75
+exec {RUNVISOR_GATE_FD}<&-
+unset BASH_ENV RUNVISOR_GATE_FD __runvisor_go
+"""
+GATE_FD_VARIABLE = "RUNVISOR_GATE_FD"
+# The exit code of a held leader whose gate closed without "go".
+GATE_CLOSED_EXIT_CODE = 75
+
+
+def write_gate_script(data_dir: str | Path) -> Path:
+    """Write GATE_SCRIPT into `data_dir` unless it is there already; return
+    its path. Bash that cannot read it would run the script at once, so
+    this is called before every held start."""
+    path = Path(data_dir) / "gate.bash"
+    with contextlib.suppress(OSError):
+        if path.read_text() == GATE_SCRIPT:
+            return path
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as file:
+        file.write(GATE_SCRIPT)
+    os.replace(partial, path)
+    return path
+
+
+class HeldProcess:
+    """A run's leader, started ahead of time and held at its gate.
+
+    Starting bash is most of what a run's start costs. When 200 scheduled
+    runs fire at one minute boundary, starting each one then makes the last
+    start hundreds of milliseconds late on two cores; starting them a few
+    seconds early and releasing them at the boundary writes one line to
+    each gate instead. Pass it to `open_process`, which owns it from then
+    on, and call `release` there; `discard` ends one that is not used.
+    """
+
+    def __init__(self, spec: ProcessSpec, gate_script: Path) -> None:
+        argv = resolve_argv(spec)
+        if not can_hold(spec, argv):
+            raise ValueError(f"cannot hold {spec.command!r}: its leader is not bash")
+        gate_read, self._gate = os.pipe()
+        try:
+            self._started = _start(argv, spec, (gate_script, gate_read))
+        except BaseException:
+            os.close(self._gate)
+            raise
+        finally:
+            os.close(gate_read)
+        self.spec = spec
+        self.pid = self._started[0].pid
+        self._taken = False
+
+    def release(self) -> None:
+        """Let the run's script start."""
+        if self._gate >= 0:
+            # A leader that is gone already leaves the pipe broken; its
+            # exit tells the rest.
+            with contextlib.suppress(BrokenPipeError):
+                os.write(self._gate, b"go\n")
+            self._close_gate()
+
+    def discard(self) -> None:
+        """End a leader that was not handed to `open_process`: close its
+        gate, kill it, and reap it in the background."""
+        self._close_gate()
+        if self._taken:
+            return
+        self._taken = True
+        leader, stdout, stderr = self._started
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(leader.pid, signal.SIGKILL)
+
+        async def reap() -> None:
+            # Shielded and bounded: SIGKILL ends a process blocked in `read`
+            # at once, and the daemon's shutdown should not leave a zombie.
+            with trio.move_on_after(KILLED_GROUP_WAIT_SECONDS) as scope:
+                scope.shield = True
+                await leader.wait()
+                _leaders.pids.discard(leader.pid)
+                await stdout.aclose()
+                await stderr.aclose()
+
+        trio.lowlevel.spawn_system_task(reap, name=f"discard held pid {leader.pid}")
+
+    def _take(
+        self,
+    ) -> tuple[_Leader, trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
+        if self._taken:
+            raise RuntimeError(f"held process {self.pid} was already used")
+        self._taken = True
+        return self._started
+
+    def _close_gate(self) -> None:
+        if self._gate >= 0:
+            os.close(self._gate)
+            self._gate = -1
+
+
 @contextlib.asynccontextmanager
 async def open_process(
     spec: ProcessSpec,
@@ -657,6 +835,7 @@ async def open_process(
     stop_signal: int = signal.SIGTERM,
     stop_timeout: float = 10.0,
     keep_whole: Sequence[str] = (),
+    held: HeldProcess | None = None,
 ) -> AsyncIterator[ChildProcess]:
     """Start a run and yield it; on leaving, make sure it is over.
 
@@ -667,22 +846,15 @@ async def open_process(
     overlong line is cut into pieces, never inside one of the `keep_whole`
     texts (the secrets that `on_output` masks).
 
+    With `held`, the run is that process, which the caller releases inside
+    the block; one left unreleased exits when the block closes its gate.
+
     Raises SpawnError when the run cannot be started.
     """
-    argv = resolve_argv(spec)
-    check_descriptors()
-    try:
-        process, stdout, stderr = _spawn(argv, spec)
-        _leaders.pids.add(process.pid)
-    except OSError as error:
-        reason = f"{error.strerror or error}."
-        if error.errno == errno.ENOEXEC:
-            reason = "exec format error (is the first line a valid '#!' line?)."
-        elif error.errno == errno.ENOENT:
-            reason = describe_missing_interpreter(spec, argv[0]) or reason
-        elif error.errno in (errno.EMFILE, errno.ENFILE):
-            reason += f" {descriptor_limit_message()}"
-        raise SpawnError(f"Cannot start {argv[0]!r}: {reason}") from None
+    if held is not None:
+        process, stdout, stderr = held._take()
+    else:
+        process, stdout, stderr = _start(resolve_argv(spec), spec)
 
     child = ChildProcess(process, spec.markers)
     pumps_done = (trio.Event(), trio.Event())
@@ -703,6 +875,8 @@ async def open_process(
         try:
             yield child
         finally:
+            if held is not None:
+                held._close_gate()
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await child.stop(stop_signal, stop_timeout)

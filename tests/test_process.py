@@ -408,3 +408,125 @@ async def test_stop_without_pidfd_ends_the_run(tmp_path: Path) -> None:
         with trio.fail_after(5):
             status = await child.stop(signal.SIGTERM, 3.0)
     assert status.signal == signal.SIGTERM
+
+
+# -- runs held at their gate ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first_line", "command", "holdable"),
+    [
+        ("#!/usr/bin/env bash", "./run.sh", True),
+        ("#!/bin/bash", "./run.sh", True),
+        ("#!/bin/bash -eu", "./run.sh", True),
+        ("#!/usr/bin/env bash", "bash run.sh", True),
+        # BASH_ENV is skipped in privileged and POSIX mode, and -x would
+        # print the gate into the log.
+        ("#!/bin/bash -p", "./run.sh", False),
+        ("#!/bin/bash -x", "./run.sh", False),
+        ("#!/usr/bin/env bash", "bash --posix run.sh", False),
+        ("#!/bin/sh", "./run.sh", False),
+        ("#!/usr/bin/env python3", "./run.sh", False),
+        ("#!/usr/bin/env bash", "bash -c 'echo hi'", False),
+    ],
+)
+def test_only_bash_scripts_can_be_held(
+    tmp_path: Path, first_line: str, command: str, holdable: bool
+) -> None:
+    script = tmp_path / "run.sh"
+    script.write_text(f"{first_line}\necho hi\n")
+    script.chmod(0o755)
+    spec = spec_for(tmp_path, command)
+    assert process.can_hold(spec, process.resolve_argv(spec)) is holdable
+
+
+def test_a_project_with_its_own_bash_env_is_not_held(tmp_path: Path) -> None:
+    write_script(tmp_path, "echo hi")
+    spec = ProcessSpec(
+        command="./run.sh",
+        cwd=tmp_path,
+        env=process.child_environment({"BASH_ENV": str(tmp_path / "mine.bash")}),
+    )
+    assert not process.can_hold(spec, process.resolve_argv(spec))
+
+
+async def _wait_blocked_in_read(pid: int) -> None:
+    """Wait until `pid` sleeps (state S): bash has reached the gate's read."""
+    with trio.fail_after(10):
+        while True:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] == "S":
+                return
+            await trio.sleep(0.01)
+
+
+async def test_held_run_starts_its_script_only_when_released(tmp_path: Path) -> None:
+    write_script(
+        tmp_path,
+        """
+        echo "started $RUNVISOR_PROJECT"
+        echo "gate fd: ${RUNVISOR_GATE_FD:-none} bash_env: ${BASH_ENV:-none}"
+        ls /proc/$$/fd | tr '\\n' ' '; echo
+        bash -c 'echo "child bash_env: ${BASH_ENV:-none}"'
+        """,
+    )
+    gate = process.write_gate_script(tmp_path)
+    spec = ProcessSpec(
+        command="./run.sh",
+        cwd=tmp_path,
+        env=process.child_environment({}),
+        markers={"RUNVISOR_PROJECT": "held"},
+    )
+    held = process.HeldProcess(spec, gate)
+    await _wait_blocked_in_read(held.pid)
+    await trio.sleep(0.2)
+    output = Collector()
+    async with open_process(spec, output, held=held) as child:
+        assert child.pid == held.pid
+        assert output.lines == []
+        held.release()
+        status = await child.wait()
+    assert status.exit_code == 0
+    out = output.text(Stream.OUT)
+    assert out[0] == "started held"
+    # The gate cleans up after itself: no variable, no open descriptor.
+    assert out[1] == "gate fd: none bash_env: none"
+    assert sorted(out[2].split()) == ["0", "1", "2", "255"]
+    assert out[3] == "child bash_env: none"
+    assert output.text(Stream.ERR) == []
+
+
+async def test_unreleased_held_run_exits_without_running_its_script(
+    tmp_path: Path,
+) -> None:
+    write_script(tmp_path, "touch ran")
+    spec = spec_for(tmp_path)
+    held = process.HeldProcess(spec, process.write_gate_script(tmp_path))
+    await _wait_blocked_in_read(held.pid)
+    async with open_process(spec, Collector(), held=held) as child:
+        # What the kernel does to the gate when the daemon dies.
+        held._close_gate()
+        status = await child.wait()
+    assert status.exit_code == process.GATE_CLOSED_EXIT_CODE
+    assert not (tmp_path / "ran").exists()
+
+
+async def test_discarded_held_run_is_killed_and_reaped(tmp_path: Path) -> None:
+    write_script(tmp_path, "touch ran")
+    spec = spec_for(tmp_path)
+    held = process.HeldProcess(spec, process.write_gate_script(tmp_path))
+    await _wait_blocked_in_read(held.pid)
+    held.discard()
+    with trio.fail_after(5):
+        while Path(f"/proc/{held.pid}").exists():
+            await trio.sleep(0.01)
+    assert not (tmp_path / "ran").exists()
+    held.discard()  # a second discard does nothing
+
+
+def test_gate_script_is_rewritten_when_changed(tmp_path: Path) -> None:
+    path = process.write_gate_script(tmp_path)
+    assert path.read_text() == process.GATE_SCRIPT
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_text("echo tampered\n")
+    assert process.write_gate_script(tmp_path).read_text() == process.GATE_SCRIPT
