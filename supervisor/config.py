@@ -363,6 +363,7 @@ def _warn_about_project(warnings: Problems, project: ProjectConfig) -> None:
 _DURATION_FIELDS = frozenset(
     {
         "jitter",
+        "prestart",
         "timeout",
         "start_seconds",
         "restart_window",

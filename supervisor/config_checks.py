@@ -64,6 +64,7 @@ MAX_DURATION = 30 * DAY
 # Run timeouts, the restart window and the backoff reset may be a year.
 MAX_LONG_DURATION = 365 * DAY
 MAX_JITTER = DAY
+MAX_PRESTART = 60.0
 MAX_COUNT = 1_000_000
 MAX_LOG_BYTES = 1024**4
 
@@ -191,6 +192,7 @@ MODE_KEYS: dict[str, tuple[TriggerMode, ...]] = {
     "timezone": (TriggerMode.SCHEDULE,),
     "catch_up": (TriggerMode.SCHEDULE,),
     "jitter": (TriggerMode.SCHEDULE,),
+    "prestart": (TriggerMode.SCHEDULE,),
     "overlap": (TriggerMode.MANUAL, TriggerMode.SCHEDULE),
     "timeout": (TriggerMode.MANUAL, TriggerMode.SCHEDULE),
     "restart": (TriggerMode.ALWAYS_RUNNING,),
@@ -434,6 +436,7 @@ _PROJECT_CHECKERS: dict[str, Checker] = {
     "timezone": check_timezone,
     "catch_up": check_boolean,
     "jitter": duration_checker(maximum=MAX_JITTER),
+    "prestart": duration_checker(maximum=MAX_PRESTART),
     "overlap": choice_checker(tuple(OverlapPolicy)),
     "timeout": duration_checker(maximum=MAX_LONG_DURATION, positive=True),
     "restart": choice_checker(tuple(RestartPolicy)),

@@ -139,6 +139,7 @@ class ProjectConfig(
     timezone: str | None = None
     catch_up: bool = False
     jitter: float = 0.0
+    prestart: float = 2.0
 
     # manual and schedule
     overlap: OverlapPolicy = OverlapPolicy.SKIP

@@ -20,6 +20,7 @@ the restart policy.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -35,6 +36,7 @@ import trio
 from supervisor.config import DaemonSettings, ProjectConfig, format_duration
 from supervisor.credentials import (
     CredentialLookup,
+    ResolvedEnv,
     remove_env_file,
     resolve_env,
     write_env_file,
@@ -63,12 +65,16 @@ from supervisor.policy import Action, RestartTracker
 from supervisor.process import (
     ChildProcess,
     ExitStatus,
+    HeldProcess,
     ProcessSpec,
+    can_hold,
     check_descriptors,
     child_environment,
     describe_os_error,
     open_process,
+    resolve_argv,
     run_markers,
+    write_gate_script,
 )
 from supervisor.scheduler import CronSchedule, WallClock, run_schedule
 from supervisor.store import Store
@@ -82,6 +88,10 @@ STOPPED_BY_USER = "stopped by user"
 # catch-up may run that fire time again. Its processes are still found by
 # their environment markers.
 ROW_BEFORE_SPAWN_SECONDS = 2.0
+
+# A held run that no fire claims by this long after its fire time (the
+# schedule changed, the wall clock stepped back) is ended.
+HELD_RUN_GRACE_SECONDS = 60.0
 
 PRUNE_DELAY_SECONDS = 5.0
 """Seconds between a run's end and the prune of its project's history. One
@@ -122,8 +132,34 @@ class RuntimeContext:
 
 
 @dataclass
+class HeldRun:
+    """A scheduled run whose leader started `prestart` seconds ahead of its
+    fire time and waits at its gate; the fire releases it.
+
+    Its log is open and its `.env.local` written, so that the fire has
+    nothing left to do but record the run and release it. `run_starts` is
+    the project's count of run starts when it was held: a run started
+    meanwhile may have removed `.env.local` at its end.
+    """
+
+    fire_time: datetime
+    run_id: int
+    project: ProjectConfig
+    resolved: ResolvedEnv
+    spec: ProcessSpec
+    run_log: RunLog
+    env_written: bool
+    run_starts: int
+    process: HeldProcess
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: bool = False
+    """Set once the run has started or has been discarded."""
+
+
+@dataclass
 class ActiveRun:
     record: RunRecord
+    held: HeldRun | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     child: ChildProcess | None = None
@@ -201,6 +237,8 @@ class ProjectRunner:
         self._idle = trio.Event()
         self._idle.set()
         self._prune_waiting = False
+        self._held: HeldRun | None = None
+        self._run_starts = 0
 
     @property
     def name(self) -> str:
@@ -281,6 +319,7 @@ class ProjectRunner:
         runs are over."""
         self.stopped_by_user = True
         self._queued = None
+        self._drop_held()
         if self.mode == TriggerMode.ALWAYS_RUNNING:
             self._set_up_wanted(False)
             if self._backoff_scope is not None:
@@ -330,7 +369,7 @@ class ProjectRunner:
         old = self.project
         self.project = project
         self.tracker.project = project
-        schedule_keys = ("cron", "timezone", "catch_up", "jitter")
+        schedule_keys = ("cron", "timezone", "catch_up", "jitter", "prestart")
         schedule_changed = any(
             getattr(old, key) != getattr(project, key) for key in schedule_keys
         )
@@ -386,6 +425,8 @@ class ProjectRunner:
                 catch_up=self.project.catch_up,
                 jitter=self.project.jitter,
                 on_next=self._on_next_fire,
+                prepare=self.prepare,
+                prestart=self.project.prestart,
                 name=self.name,
                 task_status=task_status,
             )
@@ -395,9 +436,126 @@ class ProjectRunner:
 
     def fire(self, fire_time: datetime, trigger: RunTrigger) -> None:
         """Called by the cron loop at each fire time."""
+        held = self._held
+        self._held = None
+        if held is not None:
+            held.scope.cancel()
+            usable = (
+                held.fire_time == fire_time
+                and trigger == RunTrigger.SCHEDULE
+                and held.project == self.project
+                and held.run_starts == self._run_starts
+            )
+            if not usable or self.stopped_by_user:
+                self._discard_held(held)
+                held = None
         if self.stopped_by_user:
             return
+        if held is not None:
+            held.done = True
+            self._start_run(trigger, fire_time, held)
+            return
         self._request_run(trigger, fire_time)
+
+    def prepare(self, fire_time: datetime) -> None:
+        """Called by the cron loop `prestart` seconds before a fire time:
+        start the run's leader now and hold it until the fire."""
+        self._drop_held()
+        if self.stopped_by_user or self.runs or self._nursery is None:
+            return
+        self._nursery.start_soon(self._hold, fire_time)
+
+    async def _hold(self, fire_time: datetime) -> None:
+        project = self.project
+        context = self.context
+        try:
+            resolved = await resolve_env(project, context.credentials)
+        except CredentialError:
+            return  # the run at the fire time fails and says why
+        if self.project is not project or self.runs or self.stopped_by_user:
+            return
+        spec = ProcessSpec(command=project.command, cwd=Path(project.path))
+        try:
+            if not can_hold(spec, resolve_argv(spec)):
+                return
+        except SpawnError:
+            return  # as above
+        run_id = context.store.next_run_id()
+        markers = run_markers(context.settings.data_dir, self.name, run_id)
+        env = child_environment(
+            {
+                **resolved.variables,
+                **markers,
+                "RUNVISOR_TRIGGER": str(RunTrigger.SCHEDULE),
+            }
+        )
+        spec = ProcessSpec(
+            command=project.command, cwd=spec.cwd, env=env, markers=markers
+        )
+        run_log = self._new_run_log(run_id)
+        try:
+            process = HeldProcess(spec, write_gate_script(context.settings.data_dir))
+        except (SpawnError, OSError, ValueError) as error:
+            # The run at the fire time starts the usual way and reports
+            # any failure.
+            logger.debug("not held: project=%s %s", self.name, error)
+            return
+        try:
+            env_written = _prepare_files(run_log, spec.cwd, resolved.variables)
+        except OSError as error:
+            logger.debug("not held: project=%s %s", self.name, error)
+            run_log.close()
+            process.discard()
+            return
+        held = HeldRun(
+            fire_time,
+            run_id,
+            project,
+            resolved,
+            spec,
+            run_log,
+            env_written,
+            self._run_starts,
+            process,
+        )
+        self._drop_held()
+        self._held = held
+        logger.debug(
+            "holding: project=%s run=%d pid=%d fire_time=%s",
+            self.name,
+            run_id,
+            process.pid,
+            fire_time,
+        )
+        try:
+            with held.scope:
+                await trio.sleep(project.prestart + HELD_RUN_GRACE_SECONDS)
+        finally:
+            if self._held is held:
+                self._held = None
+            if not held.done:
+                self._discard_held(held)
+
+    def _drop_held(self) -> None:
+        held = self._held
+        self._held = None
+        if held is not None:
+            held.scope.cancel()
+            self._discard_held(held)
+
+    def _discard_held(self, held: HeldRun) -> None:
+        """End a held run that will not run, and remove its files."""
+        if held.done:
+            return
+        held.done = True
+        held.scope.cancel()
+        held.process.discard()
+        held.run_log.close()
+        with contextlib.suppress(OSError):
+            held.run_log.path.unlink()
+        if held.env_written and not held.project.keep_env_file and not self.runs:
+            remove_env_file(Path(held.project.path))
+        logger.debug("discarded held run: project=%s run=%d", self.name, held.run_id)
 
     # -- manual and scheduled runs -------------------------------------------
 
@@ -471,9 +629,14 @@ class ProjectRunner:
         self._publish_completed(record)
         return record.id
 
-    def _start_run(self, trigger: RunTrigger, fire_time: datetime | None) -> int:
+    def _start_run(
+        self,
+        trigger: RunTrigger,
+        fire_time: datetime | None,
+        held: HeldRun | None = None,
+    ) -> int:
         assert self._nursery is not None
-        active = self._new_active_run(trigger, fire_time)
+        active = self._new_active_run(trigger, fire_time, held)
         self._nursery.start_soon(self._run_and_follow_up, active)
         return active.record.id
 
@@ -561,20 +724,33 @@ class ProjectRunner:
     # -- one run ----------------------------------------------------------------
 
     def _new_active_run(
-        self, trigger: RunTrigger, fire_time: datetime | None
+        self,
+        trigger: RunTrigger,
+        fire_time: datetime | None,
+        held: HeldRun | None = None,
     ) -> ActiveRun:
+        self._run_starts += 1
         record = RunRecord(
-            id=self.context.store.next_run_id(),
+            id=held.run_id if held else self.context.store.next_run_id(),
             project=self.name,
             trigger=trigger,
             status=RunStatus.RUNNING,
             started_at=utc_now(self.context.clock),
             fire_time=fire_time,
         )
-        active = ActiveRun(record=record)
+        active = ActiveRun(record=record, held=held)
         self.runs[record.id] = active
         self._idle = trio.Event()
         return active
+
+    def _new_run_log(self, run_id: int) -> RunLog:
+        settings = self.context.settings
+        return RunLog(
+            run_log_path(self.context.logs_dir, self.name, run_id),
+            max_bytes=settings.log_max_bytes,
+            backups=settings.log_backups,
+            open_now=False,
+        )
 
     async def _execute(self, active: ActiveRun) -> RunRecord:
         """Run one run from start to its final history row."""
@@ -582,14 +758,14 @@ class ProjectRunner:
         context = self.context
         record = active.record
         folder = Path(project.path)
-        run_log = RunLog(
-            run_log_path(context.logs_dir, self.name, record.id),
-            max_bytes=context.settings.log_max_bytes,
-            backups=context.settings.log_backups,
-            open_now=False,
-        )
+        held = active.held
+        if held is not None:
+            run_log = held.run_log
+            env_written = held.env_written
+        else:
+            run_log = self._new_run_log(record.id)
+            env_written = False
         masker = Masker(())
-        env_written = False
         starting_state = (
             ProjectState.STARTING
             if self.mode == TriggerMode.ALWAYS_RUNNING
@@ -624,31 +800,46 @@ class ProjectRunner:
                 # Before the first await: runs that start at once then count
                 # each other's open files.
                 check_descriptors()
-                resolved = await resolve_env(project, context.credentials)
+                if held is not None:
+                    resolved = held.resolved
+                    spec = held.spec
+                else:
+                    resolved = await resolve_env(project, context.credentials)
+                    markers = run_markers(
+                        context.settings.data_dir, self.name, record.id
+                    )
+                    env = child_environment(
+                        {
+                            **resolved.variables,
+                            **markers,
+                            "RUNVISOR_TRIGGER": str(record.trigger),
+                        }
+                    )
+                    spec = ProcessSpec(
+                        command=project.command, cwd=folder, env=env, markers=markers
+                    )
                 # Projects that share a folder share its `.env.local`, and a
                 # run may print what another project's run wrote there. So
                 # each run masks the secrets of every run in its folder.
                 shared = context.folder_secrets.setdefault(str(folder), set())
                 shared.update(resolved.secrets)
                 masker = Masker(resolved.secrets, shared)
-                markers = run_markers(context.settings.data_dir, self.name, record.id)
-                env = child_environment(
-                    {
-                        **resolved.variables,
-                        **markers,
-                        "RUNVISOR_TRIGGER": str(record.trigger),
-                    }
-                )
-                env_written = _prepare_files(run_log, folder, resolved.variables)
-                spec = ProcessSpec(
-                    command=project.command, cwd=folder, env=env, markers=markers
-                )
-                # The row must be on disk before the child exists: after a
-                # crash it is what marks the run lost, and its fire time keeps
-                # a catch-up from running that fire time again. A database
-                # locked for longer delays the start only this long.
+                if held is None:
+                    env_written = _prepare_files(run_log, folder, resolved.variables)
+                # The row must be on disk before the child exists (or, when
+                # held, before it is released): after a crash it is what
+                # marks the run lost, and its fire time keeps a catch-up from
+                # running that fire time again. A database locked for longer
+                # delays the start only this long.
                 with trio.move_on_after(ROW_BEFORE_SPAWN_SECONDS):
                     await context.store.flush()
+                if held is not None and active.stop_reason is None:
+                    held.process.release()
+                    # Runs released together wake up from the same commit:
+                    # each releases before any of them sets up its output,
+                    # so the last release is not held up by the others. A
+                    # cancellation now would kill the script unstopped.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 # From here on a stop cancels only the waiting for the child,
                 # so `_wait_run` stops it the normal way (state `stopping`),
                 # even when the stop arrives while the child is being spawned.
@@ -659,6 +850,7 @@ class ProjectRunner:
                     stop_signal=signal.Signals[project.stop_signal],
                     stop_timeout=project.stop_timeout,
                     keep_whole=masker.values,
+                    held=held.process if held else None,
                 ) as child:
                     active.child = child
                     record.pid = child.pid
@@ -680,7 +872,7 @@ class ProjectRunner:
                         )
                     )
                     active.exit_status = await self._wait_run(
-                        active, child, env, masker
+                        active, child, spec.env, masker
                     )
             if active.stop_reason is not None and active.child is not None:
                 # The stop came before or while the child was spawned.
@@ -707,6 +899,9 @@ class ProjectRunner:
             raise
         finally:
             # No await in here, so cancellation cannot cut it short.
+            if held is not None:
+                # Ends a held leader that the run did not get to use.
+                held.process.discard()
             run_log.close()
             if env_written and not project.keep_env_file:
                 remove_env_file(folder)

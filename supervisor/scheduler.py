@@ -648,6 +648,8 @@ async def run_schedule(
     jitter: float = 0.0,
     rng: random.Random | None = None,
     on_next: Callable[[datetime | None], None] | None = None,
+    prepare: Callable[[datetime], None] | None = None,
+    prestart: float = 0.0,
     name: str = "",
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -667,9 +669,19 @@ async def run_schedule(
     a status shows when the run starts rather than a fire time already past.
     Fire times given to `target` and `on_next` are UTC. `name` labels log lines (the
     expression when empty).
+
+    `prepare` receives each fire time `prestart` seconds ahead of it (or at
+    once, when less is left), so the target can start its run early and
+    hold it until the fire. Fires with jitter and catch-up fires are not
+    prepared.
     """
     if jitter < 0:
         raise ValueError(f"jitter must be 0 or more seconds, not {jitter}")
+    if prestart < 0:
+        raise ValueError(f"prestart must be 0 or more seconds, not {prestart}")
+    if jitter > 0 or prestart == 0:
+        prepare = None
+    lead = timedelta(seconds=prestart)
     rng = rng if rng is not None else random.Random()
     name = name or schedule.expression
     now = clock.now()
@@ -700,8 +712,17 @@ async def run_schedule(
         logger.debug("next fire: schedule=%s fire_time=%s", name, next_fire)
 
         now = clock.now()
+        prepared = prepare is None
         while now < next_fire:
-            await trio.sleep(min(_MAX_SLEEP, (next_fire - now).total_seconds()))
+            wake_at = next_fire
+            if not prepared:
+                if now >= next_fire - lead:
+                    prepared = True
+                    assert prepare is not None
+                    prepare(next_fire)
+                else:
+                    wake_at = next_fire - lead
+            await trio.sleep(min(_MAX_SLEEP, (wake_at - now).total_seconds()))
             now = clock.now()
 
         # `now` may be far past `next_fire` after a forward step of the clock.

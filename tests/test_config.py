@@ -917,6 +917,7 @@ _MODE_KEY_VALUES = {
     "timezone": '"UTC"',
     "catch_up": "true",
     "jitter": '"5s"',
+    "prestart": '"1s"',
     "overlap": '"queue"',
     "timeout": '"1m"',
     "restart": '"never"',

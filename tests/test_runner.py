@@ -9,14 +9,17 @@ from __future__ import annotations
 import itertools
 import logging
 import signal
+import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import trio
 from trio.testing import MockClock
 
 from supervisor.logs import read_run_log
 from supervisor.model import ProjectState, RunStatus, RunTrigger, Stream
+from supervisor.process import DATA_DIR_VARIABLE, find_processes
 from supervisor.store import Database
 
 from .daemon_harness import WALL_BASE, running_daemon
@@ -714,3 +717,140 @@ async def test_history_keeps_the_newest_runs_and_their_logs(
         kept_logs = sorted(path.name for path in logs_dir.iterdir())
     assert [run.id for run in runs] == [5, 4, 3]
     assert kept_logs == ["3.log", "4.log", "5.log"]
+
+
+# -- scheduled runs started ahead of their fire time ------------------------
+
+
+@pytest.fixture
+def stepped_clock() -> MockClock:
+    """Simulated time that moves only when the test jumps it."""
+    return MockClock()
+
+
+async def held_pids(tmp_path: Path, project: str, count: int) -> list[int]:
+    """Wait in real time until `count` processes of `project` are alive."""
+    markers = {DATA_DIR_VARIABLE: str(tmp_path / "data"), "RUNVISOR_PROJECT": project}
+    deadline = time.monotonic() + 10
+    while True:
+        pids = find_processes(markers)
+        if len(pids) == count:
+            return pids
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{project}: {len(pids)} processes, not {count}")
+        await trio.to_thread.run_sync(time.sleep, 0.02)
+
+
+def cron_config(folder: Path, extra: str = "") -> str:
+    return f"""
+    [projects.cron]
+    path = "{folder}"
+    trigger = "schedule"
+    cron = "* * * * *"
+    timezone = "UTC"
+    prestart = "5s"
+    {extra}
+    """
+
+
+async def test_scheduled_run_is_held_ahead_and_released_at_its_fire_time(
+    tmp_path: Path, stepped_clock: MockClock
+) -> None:
+    folder = project_folder(
+        tmp_path,
+        "cron",
+        """
+        source .env.local
+        echo "run $RUNVISOR_RUN_ID trigger $RUNVISOR_TRIGGER token $TOKEN" >> ran.log
+        echo "hello from the run"
+        """,
+    )
+    config = cron_config(folder, 'env = { TOKEN = "t-1" }')
+    async with running_daemon(tmp_path, config) as daemon:
+        # Fire time 12:01:00, prestart 5 s: held from 12:00:55.
+        stepped_clock.jump(56)
+        (pid,) = await held_pids(tmp_path, "cron", 1)
+        await trio.to_thread.run_sync(time.sleep, 0.3)
+        assert not (folder / "ran.log").exists()
+        assert (folder / ".env.local").exists()
+        assert daemon.state("cron") == ProjectState.SCHEDULED
+        assert daemon.pid("cron") is None
+
+        stepped_clock.jump(4)
+        (run,) = await daemon.wait_runs("cron", 1)
+        lines = daemon.log_lines("cron", run.id)
+    assert run.pid == pid
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.trigger == RunTrigger.SCHEDULE
+    assert run.fire_time == WALL_BASE + timedelta(minutes=1)
+    assert run.started_at == run.fire_time
+    assert (
+        folder / "ran.log"
+    ).read_text() == f"run {run.id} trigger schedule token t-1\n"
+    assert lines == [("out", "hello from the run")]
+    assert not (folder / ".env.local").exists()
+
+
+async def test_stopping_a_schedule_ends_its_held_run(
+    tmp_path: Path, stepped_clock: MockClock
+) -> None:
+    folder = project_folder(tmp_path, "cron", "touch ran")
+    async with running_daemon(tmp_path, cron_config(folder)) as daemon:
+        stepped_clock.jump(56)
+        await held_pids(tmp_path, "cron", 1)
+        await daemon.manager.stop("cron")
+        await held_pids(tmp_path, "cron", 0)
+        stepped_clock.jump(60)
+        assert await daemon.history("cron") == []
+    assert not (folder / "ran").exists()
+    assert not (folder / ".env.local").exists()
+    # No log is left for the run that never started.
+    assert list((tmp_path / "data" / "logs" / "cron").iterdir()) == []
+
+
+async def test_shutdown_ends_a_held_run(
+    tmp_path: Path, stepped_clock: MockClock
+) -> None:
+    folder = project_folder(tmp_path, "cron", "touch ran")
+    async with running_daemon(tmp_path, cron_config(folder)):
+        stepped_clock.jump(56)
+        await held_pids(tmp_path, "cron", 1)
+    await held_pids(tmp_path, "cron", 0)
+    assert not (folder / "ran").exists()
+
+
+async def test_run_started_by_hand_meanwhile_replaces_the_held_run(
+    tmp_path: Path, stepped_clock: MockClock
+) -> None:
+    # The hand-started run removes `.env.local` when it ends, so the held
+    # run, whose file that was, must not be used.
+    folder = project_folder(
+        tmp_path, "cron", 'source .env.local; echo "$RUNVISOR_TRIGGER" >> ran.log'
+    )
+    config = cron_config(folder, 'env = { TOKEN = "t-1" }')
+    async with running_daemon(tmp_path, config) as daemon:
+        stepped_clock.jump(56)
+        (held,) = await held_pids(tmp_path, "cron", 1)
+        daemon.manager.trigger("cron")
+        await daemon.wait_runs("cron", 1)
+        stepped_clock.jump(4)
+        runs = await daemon.wait_runs("cron", 2)
+    assert [run.status for run in runs] == [RunStatus.SUCCEEDED] * 2
+    assert [run.trigger for run in runs] == [RunTrigger.MANUAL, RunTrigger.SCHEDULE]
+    assert runs[1].pid != held
+    assert (folder / "ran.log").read_text() == "manual\nschedule\n"
+
+
+async def test_prestart_zero_starts_the_run_at_its_fire_time(
+    tmp_path: Path, stepped_clock: MockClock
+) -> None:
+    folder = project_folder(tmp_path, "cron", "touch ran")
+    config = cron_config(folder).replace('prestart = "5s"', "prestart = 0")
+    async with running_daemon(tmp_path, config) as daemon:
+        stepped_clock.jump(59)
+        await trio.to_thread.run_sync(time.sleep, 0.3)
+        await held_pids(tmp_path, "cron", 0)
+        stepped_clock.jump(1)
+        (run,) = await daemon.wait_runs("cron", 1)
+    assert run.status == RunStatus.SUCCEEDED
+    assert (folder / "ran").exists()

@@ -1045,3 +1045,97 @@ async def test_fired_schedules_share_next_fire_search(
         assert target.fire_times == [at(0, minute) for minute in (1, 2, 3)]
     # One search at start-up and one after each of the three boundaries.
     assert searches == 4
+
+
+async def test_prepare_comes_prestart_seconds_before_each_fire(
+    autojump_clock: MockClock,
+) -> None:
+    clock = TrioWallClock(BASE)
+    target = Recorder(clock)
+    prepared: list[tuple[datetime, datetime]] = []
+
+    with trio.move_on_after(3 * 60):
+        await run_schedule(
+            CronSchedule("* * * * *", "UTC"),
+            target,
+            clock,
+            last_fire=None,
+            catch_up=False,
+            prepare=lambda fire_time: prepared.append((fire_time, clock.now())),
+            prestart=2.5,
+        )
+
+    assert [fire_time for fire_time, _ in prepared] == target.fire_times
+    assert target.fire_times == [at(0, 1), at(0, 2), at(0, 3)]
+    for fire_time, prepared_at in prepared:
+        lead = fire_time - prepared_at
+        assert abs(lead - timedelta(seconds=2.5)) < timedelta(milliseconds=1)
+
+
+async def test_prepare_at_once_when_the_fire_is_closer_than_prestart(
+    autojump_clock: MockClock,
+) -> None:
+    # Started 1 s before a boundary, with a prestart of 10 s.
+    clock = TrioWallClock(BASE.replace(second=59))
+    target = Recorder(clock)
+    prepared: list[tuple[datetime, datetime]] = []
+
+    with trio.move_on_after(30):
+        await run_schedule(
+            CronSchedule("* * * * *", "UTC"),
+            target,
+            clock,
+            last_fire=None,
+            catch_up=False,
+            prepare=lambda fire_time: prepared.append((fire_time, clock.now())),
+            prestart=10.0,
+        )
+
+    assert prepared == [(at(0, 1), BASE.replace(second=59))]
+    assert target.fire_times == [at(0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("jitter", "prestart", "catch_up"),
+    [(30.0, 2.0, False), (0.0, 0.0, False), (0.0, 2.0, True)],
+)
+async def test_no_prepare_with_jitter_without_prestart_or_for_catch_up(
+    autojump_clock: MockClock, jitter: float, prestart: float, catch_up: bool
+) -> None:
+    clock = TrioWallClock(BASE)
+    target = Recorder(clock)
+    prepared: list[datetime] = []
+
+    with trio.move_on_after(58):
+        await run_schedule(
+            CronSchedule("* * * * *", "UTC"),
+            target,
+            clock,
+            # With catch_up, the fire time missed at 00:00 fires at once.
+            last_fire=at(0, 0) - timedelta(minutes=5) if catch_up else None,
+            catch_up=catch_up,
+            jitter=jitter,
+            prepare=prepared.append,
+            prestart=prestart,
+        )
+
+    if catch_up:
+        assert target.triggers == [RunTrigger.CATCH_UP, RunTrigger.SCHEDULE]
+        # Only the regular fire at 00:01 was prepared, not the catch-up.
+        assert prepared == [at(0, 1)]
+    else:
+        assert prepared == []
+        assert target.fire_times == [at(0, 1)]
+
+
+async def test_negative_prestart_is_rejected() -> None:
+    clock = TrioWallClock(BASE)
+    with pytest.raises(ValueError, match="prestart"):
+        await run_schedule(
+            CronSchedule("* * * * *", "UTC"),
+            Recorder(clock),
+            clock,
+            last_fire=None,
+            catch_up=False,
+            prestart=-1.0,
+        )
