@@ -239,6 +239,7 @@ class ProjectRunner:
         self._prune_waiting = False
         self._held: HeldRun | None = None
         self._run_starts = 0
+        self._last_fire: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -436,6 +437,7 @@ class ProjectRunner:
 
     def fire(self, fire_time: datetime, trigger: RunTrigger) -> None:
         """Called by the cron loop at each fire time."""
+        self._last_fire = fire_time
         held = self._held
         self._held = None
         if held is not None:
@@ -474,6 +476,8 @@ class ProjectRunner:
             return  # the run at the fire time fails and says why
         if self.project is not project or self.runs or self.stopped_by_user:
             return
+        if self._last_fire is not None and self._last_fire >= fire_time:
+            return  # the fire came first; its run started the usual way
         spec = ProcessSpec(command=project.command, cwd=Path(project.path))
         try:
             if not can_hold(spec, resolve_argv(spec)):

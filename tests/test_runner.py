@@ -18,11 +18,11 @@ import trio
 from trio.testing import MockClock
 
 from supervisor.logs import read_run_log
-from supervisor.model import ProjectState, RunStatus, RunTrigger, Stream
+from supervisor.model import ProjectState, RunRecord, RunStatus, RunTrigger, Stream
 from supervisor.process import DATA_DIR_VARIABLE, find_processes
 from supervisor.store import Database
 
-from .daemon_harness import WALL_BASE, running_daemon
+from .daemon_harness import WALL_BASE, Harness, running_daemon
 from .helpers import marked_pids, write_script
 
 
@@ -741,6 +741,20 @@ async def held_pids(tmp_path: Path, project: str, count: int) -> list[int]:
         await trio.to_thread.run_sync(time.sleep, 0.02)
 
 
+async def finished_runs(daemon: Harness, name: str, count: int) -> list[RunRecord]:
+    """Wait in real time until `name` has `count` finished runs; with a
+    stepped clock, `wait_runs` could miss the event it waits for."""
+    deadline = time.monotonic() + 10
+    while True:
+        runs = await daemon.history(name)
+        done = [run for run in runs if run.status != RunStatus.RUNNING]
+        if len(done) >= count:
+            return sorted(runs, key=lambda run: run.id)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}: fewer than {count} finished runs: {runs}")
+        await trio.to_thread.run_sync(time.sleep, 0.02)
+
+
 def cron_config(folder: Path, extra: str = "") -> str:
     return f"""
     [projects.cron]
@@ -777,7 +791,7 @@ async def test_scheduled_run_is_held_ahead_and_released_at_its_fire_time(
         assert daemon.pid("cron") is None
 
         stepped_clock.jump(4)
-        (run,) = await daemon.wait_runs("cron", 1)
+        (run,) = await finished_runs(daemon, "cron", 1)
         lines = daemon.log_lines("cron", run.id)
     assert run.pid == pid
     assert run.status == RunStatus.SUCCEEDED
@@ -832,9 +846,9 @@ async def test_run_started_by_hand_meanwhile_replaces_the_held_run(
         stepped_clock.jump(56)
         (held,) = await held_pids(tmp_path, "cron", 1)
         daemon.manager.trigger("cron")
-        await daemon.wait_runs("cron", 1)
+        await finished_runs(daemon, "cron", 1)
         stepped_clock.jump(4)
-        runs = await daemon.wait_runs("cron", 2)
+        runs = await finished_runs(daemon, "cron", 2)
     assert [run.status for run in runs] == [RunStatus.SUCCEEDED] * 2
     assert [run.trigger for run in runs] == [RunTrigger.MANUAL, RunTrigger.SCHEDULE]
     assert runs[1].pid != held
@@ -851,6 +865,21 @@ async def test_prestart_zero_starts_the_run_at_its_fire_time(
         await trio.to_thread.run_sync(time.sleep, 0.3)
         await held_pids(tmp_path, "cron", 0)
         stepped_clock.jump(1)
-        (run,) = await daemon.wait_runs("cron", 1)
+        (run,) = await finished_runs(daemon, "cron", 1)
     assert run.status == RunStatus.SUCCEEDED
     assert (folder / "ran").exists()
+
+
+async def test_no_run_is_held_for_a_fire_time_already_handled(
+    tmp_path: Path, stepped_clock: MockClock
+) -> None:
+    # A hold that is ready only after its fire (a slow credential lookup)
+    # must not leave a bash waiting for a fire that has passed.
+    folder = project_folder(tmp_path, "cron", "touch ran")
+    async with running_daemon(tmp_path, cron_config(folder)) as daemon:
+        stepped_clock.jump(60)
+        (run,) = await finished_runs(daemon, "cron", 1)
+        assert run.fire_time is not None
+        daemon.manager.runner("cron").prepare(run.fire_time)
+        await trio.to_thread.run_sync(time.sleep, 0.3)
+        await held_pids(tmp_path, "cron", 0)
