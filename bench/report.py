@@ -170,7 +170,8 @@ TARGETS = [
         strict=True,
     ),
     # Restated: on 2 cores, bare Popen calls of 200 scripts alone reach a
-    # p99 near 220 ms, so the absolute bound holds for no forking manager.
+    # p99 near 220 ms, so the absolute bound holds for no manager that
+    # forks its runs at the fire time.
     Target(
         "schedule p99 lateness under 100 ms above the bare-spawn floor",
         "schedule",

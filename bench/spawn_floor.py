@@ -6,9 +6,10 @@ Starts COUNT copies of the schedule scenario's `run.sh` (bash records
 `$EPOCHREALTIME`, then exits) from one Python thread as fast as
 `subprocess.Popen` allows, with no bookkeeping at all, and prints the
 lateness of each start after the moment the first spawn began. No process
-manager that forks its children from Python can start that many runs with
-less lateness on the same machine, so the numbers show how much of a
-peer's lateness is its own.
+manager that forks its children from Python at the fire time can start
+that many runs with less lateness on the same machine, so the numbers show
+how much of a peer's lateness is its own. (One that starts them ahead of
+the fire time and releases them then, as runvisor does, can.)
 """
 
 from __future__ import annotations

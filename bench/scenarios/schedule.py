@@ -20,8 +20,10 @@ MEASURES = (
     "is the p99 lateness of the same N scripts started by bare "
     "`subprocess.Popen` calls right after the peer stopped "
     "(`bench/spawn_floor.py`): no process manager that forks its runs "
-    "from Python starts them sooner on this machine. `over_floor_ms_p99` is "
-    "the peer's p99 minus that floor: the lateness the peer adds."
+    "from Python at the fire time starts them sooner on this machine "
+    "(runvisor starts bash 2 s ahead and releases it at the fire time). "
+    "`over_floor_ms_p99` is the peer's p99 minus that floor: the lateness "
+    "the peer adds, or, when negative, what an early start saved."
 )
 
 
