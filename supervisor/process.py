@@ -216,15 +216,16 @@ def describe_missing_interpreter(spec: ProcessSpec, program: str) -> str | None:
 
 
 def _program_path(spec: ProcessSpec, program: str) -> str | None:
-    """The file that exec of `program` runs, or None when none is found."""
+    """Return the file that exec of `program` runs, or None when none is
+    found."""
     if "/" in program:
         return os.path.join(spec.cwd, program)
     return shutil.which(program, path=spec.env.get("PATH", os.defpath))
 
 
 def _first_line(path: str | None) -> bytes | None:
-    """The first line of a file as the kernel reads it for a '#!' line, or
-    None when the file is missing or unreadable."""
+    """Return the first line of a file as the kernel reads it for a '#!'
+    line, or None when the file is missing or unreadable."""
     if path is None or not os.path.isfile(path):
         return None
     try:
@@ -242,9 +243,9 @@ _GATE_SAFE_OPTIONS = re.compile(rb"-[eu]+")
 
 
 def can_hold(spec: ProcessSpec, argv: Sequence[str]) -> bool:
-    """Whether a run of `argv` can be started ahead of time and held at a
-    gate: its leader must be bash running a script, so that BASH_ENV runs
-    the gate first.
+    """Tell whether a run of `argv` can be started ahead of time and held
+    at a gate: its leader must be bash running a script, so that BASH_ENV
+    runs the gate first.
 
     That is `bash SCRIPT ...`, or a script whose '#!' line names bash
     (`#!/bin/bash`, `#!/usr/bin/env bash`, with at most the options -e and -u).
@@ -759,9 +760,9 @@ class HeldProcess:
 
     Starting bash is most of what a run's start costs. When 200 scheduled
     runs fire at one minute boundary, starting each one then makes the last
-    start hundreds of milliseconds late on two cores; starting them a few
-    seconds early and releasing them at the boundary writes one line to
-    each gate instead. Pass it to `open_process`, which owns it from then
+    start hundreds of milliseconds late on two cores. Started a few seconds
+    early, they are released at the boundary by one line written to each
+    gate. Pass it to `open_process`, which owns it from then
     on, and call `release` there; `discard` ends one that is not used.
     """
 
@@ -785,7 +786,7 @@ class HeldProcess:
         """Let the run's script start."""
         if self._gate >= 0:
             # A leader that is gone already leaves the pipe broken; its
-            # exit tells the rest.
+            # exit status is read as usual.
             with contextlib.suppress(BrokenPipeError):
                 os.write(self._gate, b"go\n")
             self._close_gate()

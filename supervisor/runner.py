@@ -473,11 +473,12 @@ class ProjectRunner:
         try:
             resolved = await resolve_env(project, context.credentials)
         except CredentialError:
-            return  # the run at the fire time fails and says why
+            return  # the run at the fire time fails with the reason
         if self.project is not project or self.runs or self.stopped_by_user:
             return
         if self._last_fire is not None and self._last_fire >= fire_time:
             return  # the fire came first; its run started the usual way
+
         spec = ProcessSpec(command=project.command, cwd=Path(project.path))
         try:
             if not can_hold(spec, resolve_argv(spec)):
@@ -497,6 +498,7 @@ class ProjectRunner:
             command=project.command, cwd=spec.cwd, env=env, markers=markers
         )
         run_log = self._new_run_log(run_id)
+
         try:
             process = HeldProcess(spec, write_gate_script(context.settings.data_dir))
         except (SpawnError, OSError, ValueError) as error:
@@ -524,6 +526,7 @@ class ProjectRunner:
         )
         self._drop_held()
         self._held = held
+
         logger.debug(
             "holding: project=%s run=%d pid=%d fire_time=%s",
             self.name,

@@ -440,7 +440,7 @@ def test_only_bash_scripts_can_be_held(
     assert process.can_hold(spec, process.resolve_argv(spec)) is holdable
 
 
-def test_a_project_with_its_own_bash_env_is_not_held(tmp_path: Path) -> None:
+def test_hold_refused_with_own_bash_env(tmp_path: Path) -> None:
     write_script(tmp_path, "echo hi")
     spec = ProcessSpec(
         command="./run.sh",
@@ -480,6 +480,7 @@ async def test_held_run_starts_its_script_only_when_released(tmp_path: Path) -> 
     held = process.HeldProcess(spec, gate)
     await _wait_blocked_in_read(held.pid)
     await trio.sleep(0.2)
+
     output = Collector()
     async with open_process(spec, output, held=held) as child:
         assert child.pid == held.pid

@@ -767,7 +767,7 @@ def cron_config(folder: Path, extra: str = "") -> str:
     """
 
 
-async def test_scheduled_run_is_held_ahead_and_released_at_its_fire_time(
+async def test_held_run_released_at_fire_time(
     tmp_path: Path, stepped_clock: MockClock
 ) -> None:
     folder = project_folder(
