@@ -1047,14 +1047,15 @@ async def test_fired_schedules_share_next_fire_search(
     assert searches == 4
 
 
-async def test_prepare_comes_prestart_seconds_before_each_fire(
-    autojump_clock: MockClock,
-) -> None:
-    clock = TrioWallClock(BASE)
+async def prepared_fires(
+    start: datetime, seconds: float, prestart: float
+) -> tuple[Recorder, list[tuple[datetime, datetime]]]:
+    """Run a `* * * * *` schedule from `start` for `seconds`; return its
+    fires and each prepare with the wall time it came at."""
+    clock = TrioWallClock(start)
     target = Recorder(clock)
     prepared: list[tuple[datetime, datetime]] = []
-
-    with trio.move_on_after(3 * 60):
+    with trio.move_on_after(seconds):
         await run_schedule(
             CronSchedule("* * * * *", "UTC"),
             target,
@@ -1062,8 +1063,15 @@ async def test_prepare_comes_prestart_seconds_before_each_fire(
             last_fire=None,
             catch_up=False,
             prepare=lambda fire_time: prepared.append((fire_time, clock.now())),
-            prestart=2.5,
+            prestart=prestart,
         )
+    return target, prepared
+
+
+async def test_prepare_comes_prestart_seconds_before_each_fire(
+    autojump_clock: MockClock,
+) -> None:
+    target, prepared = await prepared_fires(BASE, 3 * 60, prestart=2.5)
 
     assert [fire_time for fire_time, _ in prepared] == target.fire_times
     assert target.fire_times == [at(0, 1), at(0, 2), at(0, 3)]
@@ -1076,22 +1084,10 @@ async def test_prepare_at_once_when_fire_is_near(
     autojump_clock: MockClock,
 ) -> None:
     # Started 1 s before a boundary, with a prestart of 10 s.
-    clock = TrioWallClock(BASE.replace(second=59))
-    target = Recorder(clock)
-    prepared: list[tuple[datetime, datetime]] = []
+    start = BASE.replace(second=59)
+    target, prepared = await prepared_fires(start, 30, prestart=10.0)
 
-    with trio.move_on_after(30):
-        await run_schedule(
-            CronSchedule("* * * * *", "UTC"),
-            target,
-            clock,
-            last_fire=None,
-            catch_up=False,
-            prepare=lambda fire_time: prepared.append((fire_time, clock.now())),
-            prestart=10.0,
-        )
-
-    assert prepared == [(at(0, 1), BASE.replace(second=59))]
+    assert prepared == [(at(0, 1), start)]
     assert target.fire_times == [at(0, 1)]
 
 
