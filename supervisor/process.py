@@ -755,6 +755,15 @@ def write_gate_script(data_dir: str | Path) -> Path:
     return path
 
 
+def _file_version(path: str) -> tuple[int, int, int, int] | None:
+    """Return what changes when a file is replaced or written to."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 class HeldProcess:
     """A run's leader, started ahead of time and held at its gate.
 
@@ -770,6 +779,12 @@ class HeldProcess:
         argv = resolve_argv(spec)
         if not can_hold(spec, argv):
             raise ValueError(f"cannot hold {spec.command!r}: its leader is not bash")
+        if os.path.basename(argv[0]) == "bash":
+            script = os.path.join(spec.cwd, argv[1])
+        else:
+            script = _program_path(spec, argv[0]) or argv[0]
+        self._script = script
+        self._script_version = _file_version(self._script)
         gate_read, self._gate = os.pipe()
         try:
             self._started = _start(argv, spec, (gate_script, gate_read))
@@ -781,6 +796,15 @@ class HeldProcess:
         self.spec = spec
         self.pid = self._started[0].pid
         self._taken = False
+
+    def script_changed(self) -> bool:
+        """Tell whether the script was replaced or edited since the start.
+
+        Bash has opened it and read its '#!' line, and reads the rest as it
+        runs, so a script rewritten in place would run under the old
+        interpreter, or from the middle of a line.
+        """
+        return _file_version(self._script) != self._script_version
 
     def release(self) -> None:
         """Let the run's script start."""

@@ -447,6 +447,7 @@ class ProjectRunner:
                 and trigger == RunTrigger.SCHEDULE
                 and held.project == self.project
                 and held.run_starts == self._run_starts
+                and not held.process.script_changed()
             )
             if not usable or self.stopped_by_user:
                 self._discard_held(held)

@@ -883,3 +883,21 @@ async def test_no_run_is_held_for_a_fire_time_already_handled(
         daemon.manager.runner("cron").prepare(run.fire_time)
         await trio.to_thread.run_sync(time.sleep, 0.3)
         await held_pids(tmp_path, "cron", 0)
+
+
+async def test_script_rewritten_while_held_runs_as_new(
+    tmp_path: Path, stepped_clock: MockClock
+) -> None:
+    # Bash has the old script open and has read its '#!' line: rewritten in
+    # place, the new text would run under the old interpreter.
+    folder = project_folder(tmp_path, "cron", "echo old > ran")
+    async with running_daemon(tmp_path, cron_config(folder)) as daemon:
+        stepped_clock.jump(56)
+        (held,) = await held_pids(tmp_path, "cron", 1)
+        # write_text truncates and writes the same file, as `cat >` does.
+        (folder / "run.sh").write_text("#!/bin/sh\necho new > ran\n")
+        stepped_clock.jump(4)
+        (run,) = await finished_runs(daemon, "cron", 1)
+    assert run.status == RunStatus.SUCCEEDED
+    assert run.pid != held
+    assert (folder / "ran").read_text() == "new\n"
