@@ -18,8 +18,10 @@ the commands that need them, so that `status` starts fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -271,8 +273,49 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
         # The daemon closes the connection once every run is over.
         while client.receive(None) is not None:
             pass
-    print(f"The daemon (pid {client.daemon_pid}) has stopped every project.")
+    pid = client.daemon_pid
+    # It then writes the last history rows and exits; a `serve` started
+    # right after this command returns should find it gone.
+    exited = _wait_for_exit(pid, DAEMON_EXIT_WAIT_SECONDS)
+    if exited is None:
+        print(f"The daemon (pid {pid}) has stopped every project.")
+    elif exited:
+        print(f"The daemon (pid {pid}) has stopped every project and exited.")
+    else:
+        print(
+            f"The daemon (pid {pid}) has stopped every project but has not "
+            f"exited after {DAEMON_EXIT_WAIT_SECONDS:g} s; check it with "
+            f"'ps -p {pid}'."
+        )
     return EXIT_OK
+
+
+# The daemon gives its last history rows up to 15 s at shutdown
+# (SHUTDOWN_WRITE_TIMEOUT in supervisor.store, not imported here: the
+# CLI does not load the store).
+DAEMON_EXIT_WAIT_SECONDS = 20.0
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool | None:
+    """Wait until process `pid` is gone (or a zombie); return whether it
+    went within `timeout`, or None when it belongs to another user."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as file:
+                if file.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return True
+        except (OSError, IndexError):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
 
 
 # history

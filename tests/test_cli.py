@@ -1003,13 +1003,16 @@ def test_shutdown_leaves_no_grandchildren(tmp_path: Path) -> None:
     try:
         wait_until(lambda: len(marked_pids("f01-")) == 3)
         result = daemon.cli("shutdown")
+        # The command returns once the daemon has exited, not only its runs.
+        exited_by_return = daemon.process.poll() is not None
         left = wait_until_gone("f01-", 4.0)
         exit_code = daemon.wait(10)
     finally:
         daemon.stop()
     assert result.returncode == 0
     assert result.stdout.startswith("Shutting down: stopping every project.\n")
-    assert "has stopped every project" in result.stdout
+    assert "has stopped every project and exited" in result.stdout
+    assert exited_by_return
     assert left == []
     assert exit_code == 0
     assert (tmp_path / "tree" / "starts.log").read_text() == "start\n"
