@@ -320,7 +320,7 @@ class ProjectRunner:
         runs are over."""
         self.stopped_by_user = True
         self._queued = None
-        self._drop_held()
+        self._drop_held("the project was stopped")
         if self.mode == TriggerMode.ALWAYS_RUNNING:
             self._set_up_wanted(False)
             if self._backoff_scope is not None:
@@ -442,15 +442,9 @@ class ProjectRunner:
         self._held = None
         if held is not None:
             held.scope.cancel()
-            usable = (
-                held.fire_time == fire_time
-                and trigger == RunTrigger.SCHEDULE
-                and held.project == self.project
-                and held.run_starts == self._run_starts
-                and not held.process.script_changed()
-            )
-            if not usable or self.stopped_by_user:
-                self._discard_held(held)
+            reason = self._unusable(held, fire_time, trigger)
+            if reason is not None:
+                self._discard_held(held, reason)
                 held = None
         if self.stopped_by_user:
             return
@@ -460,10 +454,26 @@ class ProjectRunner:
             return
         self._request_run(trigger, fire_time)
 
+    def _unusable(
+        self, held: HeldRun, fire_time: datetime, trigger: RunTrigger
+    ) -> str | None:
+        """Say why a held run cannot be the run of this fire, or None."""
+        if self.stopped_by_user:
+            return "the project was stopped"
+        if held.fire_time != fire_time or trigger != RunTrigger.SCHEDULE:
+            return f"it was held for {held.fire_time}, not this fire"
+        if held.project != self.project:
+            return "the project's config changed"
+        if held.run_starts != self._run_starts:
+            return "another run started meanwhile"
+        if held.process.script_changed():
+            return "the script changed meanwhile"
+        return None
+
     def prepare(self, fire_time: datetime) -> None:
         """Called by the cron loop `prestart` seconds before a fire time:
         start the run's leader now and hold it until the fire."""
-        self._drop_held()
+        self._drop_held("a newer fire time was prepared")
         if self.stopped_by_user or self.runs or self._nursery is None:
             return
         self._nursery.start_soon(self._hold, fire_time)
@@ -505,12 +515,22 @@ class ProjectRunner:
         except (SpawnError, OSError, ValueError) as error:
             # The run at the fire time starts the usual way and reports
             # any failure.
-            logger.debug("not held: project=%s %s", self.name, error)
+            logger.info(
+                "not held: project=%s run=%d %s; the run id is skipped",
+                self.name,
+                run_id,
+                error,
+            )
             return
         try:
             env_written = _prepare_files(run_log, spec.cwd, resolved.variables)
         except OSError as error:
-            logger.debug("not held: project=%s %s", self.name, error)
+            logger.info(
+                "not held: project=%s run=%d %s; the run id is skipped",
+                self.name,
+                run_id,
+                error,
+            )
             run_log.close()
             process.discard()
             return
@@ -525,7 +545,7 @@ class ProjectRunner:
             self._run_starts,
             process,
         )
-        self._drop_held()
+        self._drop_held("a newer fire time was prepared")
         self._held = held
 
         logger.debug(
@@ -542,17 +562,18 @@ class ProjectRunner:
             if self._held is held:
                 self._held = None
             if not held.done:
-                self._discard_held(held)
+                self._discard_held(held, "no fire came for it, or the runner ended")
 
-    def _drop_held(self) -> None:
+    def _drop_held(self, reason: str) -> None:
         held = self._held
         self._held = None
         if held is not None:
             held.scope.cancel()
-            self._discard_held(held)
+            self._discard_held(held, reason)
 
-    def _discard_held(self, held: HeldRun) -> None:
-        """End a held run that will not run, and remove its files."""
+    def _discard_held(self, held: HeldRun, reason: str) -> None:
+        """End a held run that will not run, and remove its files. Its run
+        id is skipped, which the log line explains."""
         if held.done:
             return
         held.done = True
@@ -563,7 +584,12 @@ class ProjectRunner:
             held.run_log.path.unlink()
         if held.env_written and not held.project.keep_env_file and not self.runs:
             remove_env_file(Path(held.project.path))
-        logger.debug("discarded held run: project=%s run=%d", self.name, held.run_id)
+        logger.info(
+            "held run discarded: project=%s run=%d %s; the run id is skipped",
+            self.name,
+            held.run_id,
+            reason,
+        )
 
     # -- manual and scheduled runs -------------------------------------------
 

@@ -806,13 +806,19 @@ async def test_held_run_released_at_fire_time(
 
 
 async def test_stopping_a_schedule_ends_its_held_run(
-    tmp_path: Path, stepped_clock: MockClock
+    tmp_path: Path, stepped_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="supervisor.runner")
     folder = project_folder(tmp_path, "cron", "touch ran")
     async with running_daemon(tmp_path, cron_config(folder)) as daemon:
         stepped_clock.jump(56)
         await held_pids(tmp_path, "cron", 1)
         await daemon.manager.stop("cron")
+        # The skipped run id is explained in the log.
+        assert (
+            "held run discarded: project=cron run=1 the project was stopped; "
+            "the run id is skipped"
+        ) in caplog.messages
         await held_pids(tmp_path, "cron", 0)
         stepped_clock.jump(60)
         assert await daemon.history("cron") == []
