@@ -555,14 +555,18 @@ class ProjectRunner:
             process.pid,
             fire_time,
         )
+        expired = False
         try:
             with held.scope:
                 await trio.sleep(project.prestart + HELD_RUN_GRACE_SECONDS)
+                expired = True
         finally:
             if self._held is held:
                 self._held = None
             if not held.done:
-                self._discard_held(held, "no fire came for it, or the runner ended")
+                # Not expired: the runner ends (a shutdown, a removal).
+                reason = "no fire came for it" if expired else self.shutdown_reason
+                self._discard_held(held, reason)
 
     def _drop_held(self, reason: str) -> None:
         held = self._held

@@ -829,14 +829,19 @@ async def test_stopping_a_schedule_ends_its_held_run(
 
 
 async def test_shutdown_ends_a_held_run(
-    tmp_path: Path, stepped_clock: MockClock
+    tmp_path: Path, stepped_clock: MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="supervisor.runner")
     folder = project_folder(tmp_path, "cron", "touch ran")
     async with running_daemon(tmp_path, cron_config(folder)):
         stepped_clock.jump(56)
         await held_pids(tmp_path, "cron", 1)
     await held_pids(tmp_path, "cron", 0)
     assert not (folder / "ran").exists()
+    assert (
+        "held run discarded: project=cron run=1 the daemon is shutting down; "
+        "the run id is skipped"
+    ) in caplog.messages
 
 
 async def test_run_started_by_hand_meanwhile_replaces_the_held_run(
