@@ -274,7 +274,7 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
         while client.receive(None) is not None:
             pass
     pid = client.daemon_pid
-    # It then writes the last history rows and exits; a `serve` started
+    # It then writes the last history rows and exits. A `serve` started
     # right after this command returns should find it gone.
     exited = _wait_for_exit(pid, DAEMON_EXIT_WAIT_SECONDS)
     if exited is None:

@@ -724,12 +724,12 @@ def _start(
     return started
 
 
-# The gate that holds a run started ahead of its fire time: bash reads it
-# through BASH_ENV before the first line of the run's script, waits for
-# "go" on the pipe, and exits when the pipe closes without it (the run was
-# called off, or the daemon died), so the script never runs unsupervised.
+# The gate of a run started ahead of its fire time. Bash reads it through
+# BASH_ENV before the first line of the run's script and waits for "go" on
+# the pipe. When the pipe closes without it (the run was called off, or the
+# daemon died), bash exits, so the script never runs unsupervised.
 GATE_SCRIPT = """\
-# Written by runvisor: holds a scheduled run at its start until the fire time.
+# Written by runvisor: keeps a scheduled run waiting until its fire time.
 IFS= read -r -u "$RUNVISOR_GATE_FD" __runvisor_go || exit 75
 exec {RUNVISOR_GATE_FD}<&-
 unset BASH_ENV RUNVISOR_GATE_FD __runvisor_go
@@ -809,7 +809,7 @@ class HeldProcess:
     def release(self) -> None:
         """Let the run's script start."""
         if self._gate >= 0:
-            # A leader that is gone already leaves the pipe broken; its
+            # A leader that is gone already leaves the pipe broken, and its
             # exit status is read as usual.
             with contextlib.suppress(BrokenPipeError):
                 os.write(self._gate, b"go\n")

@@ -134,7 +134,7 @@ class RuntimeContext:
 @dataclass
 class HeldRun:
     """A scheduled run whose leader started `prestart` seconds ahead of its
-    fire time and waits at its gate; the fire releases it.
+    fire time and waits at its gate until the fire releases it.
 
     Its log is open and its `.env.local` written, so that the fire has
     nothing left to do but record the run and release it. `run_starts` is
@@ -488,26 +488,18 @@ class ProjectRunner:
         if self.project is not project or self.runs or self.stopped_by_user:
             return
         if self._last_fire is not None and self._last_fire >= fire_time:
-            return  # the fire came first; its run started the usual way
+            return  # the fire came first, so its run started the usual way
 
-        spec = ProcessSpec(command=project.command, cwd=Path(project.path))
+        # Checked before a run id is reserved, so a project that cannot be
+        # held skips no id.
+        probe = ProcessSpec(command=project.command, cwd=Path(project.path))
         try:
-            if not can_hold(spec, resolve_argv(spec)):
+            if not can_hold(probe, resolve_argv(probe)):
                 return
         except SpawnError:
             return  # as above
         run_id = context.store.next_run_id()
-        markers = run_markers(context.settings.data_dir, self.name, run_id)
-        env = child_environment(
-            {
-                **resolved.variables,
-                **markers,
-                "RUNVISOR_TRIGGER": str(RunTrigger.SCHEDULE),
-            }
-        )
-        spec = ProcessSpec(
-            command=project.command, cwd=spec.cwd, env=env, markers=markers
-        )
+        spec = self._run_spec(project, resolved, run_id, RunTrigger.SCHEDULE)
         run_log = self._new_run_log(run_id)
 
         try:
@@ -781,6 +773,27 @@ class ProjectRunner:
         self._idle = trio.Event()
         return active
 
+    def _run_spec(
+        self,
+        project: ProjectConfig,
+        resolved: ResolvedEnv,
+        run_id: int,
+        trigger: RunTrigger,
+    ) -> ProcessSpec:
+        """Build what a run starts: the command in the project's folder, with
+        its variables and the run's markers."""
+        markers = run_markers(self.context.settings.data_dir, self.name, run_id)
+        env = child_environment(
+            {
+                **resolved.variables,
+                **markers,
+                "RUNVISOR_TRIGGER": str(trigger),
+            }
+        )
+        return ProcessSpec(
+            command=project.command, cwd=Path(project.path), env=env, markers=markers
+        )
+
     def _new_run_log(self, run_id: int) -> RunLog:
         settings = self.context.settings
         return RunLog(
@@ -843,19 +856,7 @@ class ProjectRunner:
                     spec = held.spec
                 else:
                     resolved = await resolve_env(project, context.credentials)
-                    markers = run_markers(
-                        context.settings.data_dir, self.name, record.id
-                    )
-                    env = child_environment(
-                        {
-                            **resolved.variables,
-                            **markers,
-                            "RUNVISOR_TRIGGER": str(record.trigger),
-                        }
-                    )
-                    spec = ProcessSpec(
-                        command=project.command, cwd=folder, env=env, markers=markers
-                    )
+                    spec = self._run_spec(project, resolved, record.id, record.trigger)
                 # Projects that share a folder share its `.env.local`, and a
                 # run may print what another project's run wrote there. So
                 # each run masks the secrets of every run in its folder.
