@@ -120,8 +120,8 @@ def _credential_warnings(config: Any) -> list[str]:
 def cmd_next(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
+    from supervisor.cron import CronSchedule
     from supervisor.model import TriggerMode
-    from supervisor.scheduler import CronSchedule
 
     config = _load_config(args)
     project = config.projects.get(args.name)

@@ -45,9 +45,9 @@ from supervisor.config_values import (
     string_checker,
     type_name,
 )
+from supervisor.cron import CronSchedule
 from supervisor.errors import CronError
 from supervisor.model import OnUnhealthy, OverlapPolicy, RestartPolicy, TriggerMode
-from supervisor.scheduler import CronSchedule
 from supervisor.toml_lines import Key
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -41,6 +41,7 @@ from supervisor.credentials import (
     resolve_env,
     write_env_file,
 )
+from supervisor.cron import CronSchedule
 from supervisor.errors import CredentialError, SpawnError
 from supervisor.health import HealthChange, ProbeResult, watch
 from supervisor.logs import Hub, Masker, RunLog, delete_run_logs, run_log_path
@@ -76,7 +77,7 @@ from supervisor.process import (
     run_markers,
     write_gate_script,
 )
-from supervisor.scheduler import CronSchedule, WallClock, run_schedule
+from supervisor.scheduler import WallClock, run_schedule
 from supervisor.store import Store
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import load_config
+from supervisor.cron import CronSchedule
 from supervisor.export import export_config
 from supervisor.export.calendar import NoExactForm, clock_changes, on_calendar_lines
-from supervisor.scheduler import CronSchedule
 from tests.test_export import make_every_setting_folder
 
 pytestmark = pytest.mark.skipif(

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from supervisor import errors, scheduler
+from supervisor import cron, errors
 from supervisor.model import RunTrigger
 from supervisor.scheduler import (
     CronSchedule,
@@ -1006,7 +1006,7 @@ async def test_fired_schedules_share_next_fire_search(
     # At a busy minute boundary, every schedule needs its next fire time
     # right after firing. Schedules with the same expression and zone must
     # get it from one search, not one search each.
-    scheduler._next_fire.cache_clear()
+    cron.next_fire.cache_clear()
     searches = 0
     search = CronSchedule._fire_times
 

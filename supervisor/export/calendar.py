@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-# The parser of the scheduler is reused so that both read an expression the
+# The cron parser is reused so that both read an expression the
 # same way. Its names are private to the package, not to this module.
-from supervisor.scheduler import (
+from supervisor.cron import (
     _DAY,
     _HOUR,
     _MINUTE,

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from supervisor.config import Config, CredentialRef, ProjectConfig, SecretValue
+from supervisor.cron import CronSchedule
 from supervisor.errors import ExportError
 from supervisor.export.calendar import NoExactForm
 from supervisor.model import TriggerMode
-from supervisor.scheduler import CronSchedule
 
 K8sSource = Literal["configmap", "image"]
 
