@@ -29,7 +29,8 @@ from supervisor import __version__
 from supervisor.config import HealthConfig, format_duration
 from supervisor.errors import SpawnError
 from supervisor.model import Health, OnUnhealthy, Stream
-from supervisor.process import ProcessSpec, open_process
+from supervisor.process import open_process
+from supervisor.spawn import ProcessSpec
 
 if TYPE_CHECKING:
     import h11

@@ -67,17 +67,19 @@ from supervisor.process import (
     ChildProcess,
     ExitStatus,
     HeldProcess,
+    open_process,
+    write_gate_script,
+)
+from supervisor.scheduler import WallClock, run_schedule
+from supervisor.spawn import (
     ProcessSpec,
     can_hold,
     check_descriptors,
     child_environment,
     describe_os_error,
-    open_process,
     resolve_argv,
     run_markers,
-    write_gate_script,
 )
-from supervisor.scheduler import WallClock, run_schedule
 from supervisor.store import Store
 
 logger = logging.getLogger(__name__)

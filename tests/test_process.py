@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from supervisor import process
+from supervisor import process, spawn
 from supervisor.errors import SpawnError
 from supervisor.model import Stream
-from supervisor.process import ProcessSpec, open_process
+from supervisor.process import open_process
+from supervisor.spawn import ProcessSpec
 
 from .helpers import marked_pids, wait_until_gone, write_script
 
@@ -33,7 +34,7 @@ class Collector:
 
 
 def spec_for(folder: Path, command: str = "./run.sh") -> ProcessSpec:
-    return ProcessSpec(command=command, cwd=folder, env=process.child_environment({}))
+    return ProcessSpec(command=command, cwd=folder, env=spawn.child_environment({}))
 
 
 async def test_output_lines_keep_their_stream(tmp_path: Path) -> None:
@@ -225,7 +226,7 @@ async def test_missing_interpreter_of_program_on_path(tmp_path: Path) -> None:
     script = bin_folder / "mytool"
     script.write_text("#!/nonexistent/interp\n")
     script.chmod(0o755)
-    env = process.child_environment({"PATH": str(bin_folder)})
+    env = spawn.child_environment({"PATH": str(bin_folder)})
     spec = ProcessSpec(command="mytool --flag", cwd=tmp_path, env=env)
 
     with pytest.raises(SpawnError) as raised:
@@ -257,7 +258,7 @@ async def test_missing_program_loader_is_explained(tmp_path: Path) -> None:
 
 
 async def test_missing_program_names_the_setting(tmp_path: Path) -> None:
-    env = process.child_environment({})
+    env = spawn.child_environment({})
     run = ProcessSpec(command="./gone.sh", cwd=tmp_path, env=env)
     probe = ProcessSpec(
         command="./gone.sh", cwd=tmp_path, env=env, setting="health.exec"
@@ -285,7 +286,7 @@ def test_frozen_children_get_the_original_loader_path(
     monkeypatch.setenv("LD_LIBRARY_PATH_ORIG", "/opt/lib")
     monkeypatch.setenv("DYLD_LIBRARY_PATH", "/tmp/_MEI123")
     monkeypatch.delenv("DYLD_LIBRARY_PATH_ORIG", raising=False)
-    env = process.child_environment({"EXTRA": "1"})
+    env = spawn.child_environment({"EXTRA": "1"})
     assert env["LD_LIBRARY_PATH"] == "/opt/lib"
     assert "LD_LIBRARY_PATH_ORIG" not in env
     assert "DYLD_LIBRARY_PATH" not in env
@@ -294,7 +295,7 @@ def test_frozen_children_get_the_original_loader_path(
 
 async def test_find_run_processes_by_environment(tmp_path: Path) -> None:
     write_script(tmp_path, "exec -a t07-found sleep 1000")
-    env = process.child_environment(
+    env = spawn.child_environment(
         {"RUNVISOR_PROJECT": "finder", "RUNVISOR_RUN_ID": "987654"}
     )
     spec = ProcessSpec(command="./run.sh", cwd=tmp_path, env=env)
@@ -314,7 +315,7 @@ def test_children_do_not_inherit_systemd_notify_socket(
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
-    env = process.child_environment({})
+    env = spawn.child_environment({})
     assert "NOTIFY_SOCKET" not in env
     assert "WATCHDOG_USEC" not in env
     assert env["PATH"] == os.environ["PATH"]
@@ -329,8 +330,8 @@ async def test_tree_walk_finds_a_process_that_left_the_group(tmp_path: Path) -> 
         exec -a t08-leader sleep 1000
         """,
     )
-    markers = process.run_markers(tmp_path, "walker", 42)
-    env = process.child_environment(markers)
+    markers = spawn.run_markers(tmp_path, "walker", 42)
+    env = spawn.child_environment(markers)
     spec = ProcessSpec(command="./run.sh", cwd=tmp_path, env=env, markers=markers)
     async with open_process(spec, Collector(), stop_timeout=1.0) as child:
         with trio.fail_after(5):
@@ -437,7 +438,7 @@ def test_only_bash_scripts_can_be_held(
     script.write_text(f"{first_line}\necho hi\n")
     script.chmod(0o755)
     spec = spec_for(tmp_path, command)
-    assert process.can_hold(spec, process.resolve_argv(spec)) is holdable
+    assert spawn.can_hold(spec, spawn.resolve_argv(spec)) is holdable
 
 
 def test_hold_refused_with_own_bash_env(tmp_path: Path) -> None:
@@ -445,9 +446,9 @@ def test_hold_refused_with_own_bash_env(tmp_path: Path) -> None:
     spec = ProcessSpec(
         command="./run.sh",
         cwd=tmp_path,
-        env=process.child_environment({"BASH_ENV": str(tmp_path / "mine.bash")}),
+        env=spawn.child_environment({"BASH_ENV": str(tmp_path / "mine.bash")}),
     )
-    assert not process.can_hold(spec, process.resolve_argv(spec))
+    assert not spawn.can_hold(spec, spawn.resolve_argv(spec))
 
 
 async def _wait_blocked_in_read(pid: int) -> None:
@@ -474,7 +475,7 @@ async def test_held_run_starts_its_script_only_when_released(tmp_path: Path) -> 
     spec = ProcessSpec(
         command="./run.sh",
         cwd=tmp_path,
-        env=process.child_environment({}),
+        env=spawn.child_environment({}),
         markers={"RUNVISOR_PROJECT": "held"},
     )
     held = process.HeldProcess(spec, gate)

@@ -19,7 +19,7 @@ from trio.testing import MockClock
 
 from supervisor.logs import read_run_log
 from supervisor.model import ProjectState, RunRecord, RunStatus, RunTrigger, Stream
-from supervisor.process import DATA_DIR_VARIABLE, find_processes
+from supervisor.spawn import DATA_DIR_VARIABLE, find_processes
 from supervisor.store import Database
 
 from .daemon_harness import WALL_BASE, Harness, running_daemon
