@@ -58,28 +58,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Before anything imports trio or sqlite-utils.
     defer()
-    import trio
-
-    from supervisor.config import find_config_path
-    from supervisor.daemon import Daemon
+    from supervisor.boot import boot
+    from supervisor.config import find_config_path, load_config
     from supervisor.errors import ConfigError, StoreError
 
     path = find_config_path(args.config)
     try:
-        daemon = Daemon(path)
+        config = load_config(path)
     except ConfigError as error:
         print(f"runvisor: invalid config, not starting:\n{error}", file=sys.stderr)
         return EXIT_FAILED
-    setup_logging(args.log_level or daemon.config.runvisor.log_level)
-    # What is loaded by now (modules, the config) lives as long as the
-    # daemon. Frozen, it is left out of the garbage collector's full passes,
-    # which took about 20 ms each and fell into bursts of run starts.
-    gc.freeze()
     try:
+        # The always-running projects start while trio and the daemon's
+        # modules are imported.
+        booted = boot(config)
+    except StoreError as error:
+        print(f"runvisor: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        import trio
+
+        from supervisor.daemon import Daemon
+
+        daemon = Daemon(path, boot=booted)
+        setup_logging(args.log_level or config.runvisor.log_level)
+        # What is loaded by now (modules, the config) lives as long as the
+        # daemon. Frozen, it is left out of the garbage collector's full
+        # passes, which took about 20 ms each and fell into bursts of run
+        # starts.
+        gc.freeze()
         trio.run(daemon.serve)
     except StoreError as error:
         print(f"runvisor: {error}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        booted.close()
     return EXIT_OK
 
 
@@ -105,8 +118,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def _credential_warnings(config: Any) -> list[str]:
     """Warn about mappings to credentials that the index does not hold."""
+    from supervisor.boot import DATABASE_NAME
     from supervisor.credentials import credential_warnings, known_credentials
-    from supervisor.daemon import DATABASE_NAME
     from supervisor.errors import StoreError
 
     database = Path(config.runvisor.data_dir) / DATABASE_NAME

@@ -226,7 +226,7 @@ def _load_config(args: argparse.Namespace) -> Any:
 def _read_database(config: Any, read: Any, empty: Any) -> Any:
     """Run `read(database)` on the config's database, or return `empty`
     when the database does not exist yet (it is not created)."""
-    from supervisor.daemon import DATABASE_NAME
+    from supervisor.boot import DATABASE_NAME
     from supervisor.store import Database
 
     path = Path(config.runvisor.data_dir) / DATABASE_NAME

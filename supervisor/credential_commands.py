@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from supervisor.boot import DATABASE_NAME
 from supervisor.cli import EXIT_OK, EXIT_USAGE
 from supervisor.config import (
     MIN_MASKED_SECRET_LENGTH,
@@ -39,7 +40,6 @@ from supervisor.credential_backends import (
 )
 from supervisor.credential_file import KEY_FILE_NAME, make_private_dir
 from supervisor.credentials import credential_warnings, select_backend
-from supervisor.daemon import DATABASE_NAME
 from supervisor.errors import CredentialError
 from supervisor.store import Database
 

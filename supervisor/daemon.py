@@ -15,13 +15,21 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import trio
 
+from supervisor.boot import (
+    DAEMON_SIGNALS,
+    DATABASE_NAME,
+    Boot,
+    EarlyRun,
+    take_resources,
+)
 from supervisor.config import (
     Config,
     ConfigDiff,
@@ -29,34 +37,30 @@ from supervisor.config import (
     check_config,
     load_config,
 )
-from supervisor.control_server import ControlServer, open_control_socket
-from supervisor.credential_file import take_key_environment
+from supervisor.control_server import ControlServer
 from supervisor.credentials import (
     BackendCredentials,
     CredentialLookup,
+    ResolvedEnv,
     credential_warnings,
     known_credentials,
-    remove_env_file,
 )
-from supervisor.errors import StoreError
-from supervisor.lockfile import LockHeld, take_lock
+from supervisor.env_file import remove_env_file
 from supervisor.logs import Hub
 from supervisor.manager import Manager
 from supervisor.model import ReloadEvent
 from supervisor.process import (
     StopSettings,
-    become_subreaper,
+    adopt_process,
     end_leftover_runs,
     reap_orphans,
 )
-from supervisor.runner import RuntimeContext
+from supervisor.runner import PreparedRun, RuntimeContext, new_run_log
 from supervisor.scheduler import SystemClock, WallClock
+from supervisor.spawn import become_subreaper
 from supervisor.store import Store
 
 logger = logging.getLogger(__name__)
-
-DATABASE_NAME = "runvisor.db"
-LOCK_NAME = "runvisor.lock"
 
 
 @dataclass(frozen=True)
@@ -92,32 +96,6 @@ def notify_systemd(state: str) -> None:
         logger.warning("cannot notify systemd at %s: %s", address, error)
 
 
-def lock_data_dir(data_dir: Path) -> int:
-    """Take the data dir's lock file for the daemon's lifetime; return its fd.
-
-    Two daemons on one data dir would hand out the same run ids and end each
-    other's runs at start-up. The lock goes with the process, even on
-    SIGKILL.
-
-    Raises StoreError when another daemon has the lock or the file cannot be
-    opened.
-    """
-    path = data_dir / LOCK_NAME
-    try:
-        return take_lock(path)
-    except LockHeld as held:
-        raise StoreError(
-            f"Another runvisor daemon (pid {held.holder}) is already using the "
-            f"data dir {data_dir}. Stop it, or set another [runvisor] data_dir "
-            "for this config."
-        ) from None
-    except OSError as error:
-        raise StoreError(
-            f"Cannot open the lock file {path}: {error.strerror or error}. Set "
-            "[runvisor] data_dir to a writable folder."
-        ) from None
-
-
 def maps_credentials(config: Config) -> bool:
     """Return whether any project maps a global credential."""
     return any(
@@ -136,10 +114,14 @@ class Daemon:
         *,
         clock: WallClock | None = None,
         credentials: CredentialLookup | None = None,
+        boot: Boot | None = None,
     ) -> None:
+        """`boot` holds what `runvisor serve` took and started before the
+        event loop ran, for the config of `config_path` that it loaded."""
         self.config_path = config_path
         self.clock = clock or SystemClock()
-        self.config: Config = load_config(config_path)
+        self._boot = boot
+        self.config: Config = boot.config if boot else load_config(config_path)
         # An injected lookup (tests) is kept as it is. Otherwise `serve`
         # builds one from [credentials] backend, and a reload that changes
         # that setting or the data dir builds a new one.
@@ -169,38 +151,28 @@ class Daemon:
         self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run until SIGTERM, SIGINT or `request_shutdown`."""
+        early: list[EarlyRun] = []
+        if self._boot is not None:
+            resources, early = self._boot.take()
+        else:
+            resources = await trio.to_thread.run_sync(take_resources, self.config)
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as error:
-            raise StoreError(
-                f"Cannot create the data dir {str(self.data_dir)!r}: "
-                f"{error.strerror or error}. Set [runvisor] data_dir to a "
-                "writable folder."
-            ) from None
-        # First of all: a second daemon for the same socket or data dir must
-        # stop here, before it marks the runs of the first one lost and ends
-        # them.
-        control = await trio.to_thread.run_sync(
-            open_control_socket, Path(self.config.runvisor.socket)
-        )
-        try:
-            data_lock = lock_data_dir(self.data_dir)
-        except BaseException:
-            control.close()
-            raise
-        try:
-            self._key_environment = take_key_environment()
+            self._key_environment = resources.key_environment
             store = Store.open(self.data_dir / DATABASE_NAME)
         except BaseException:
-            control.close()
-            os.close(data_lock)
+            for run in early:
+                run.end()
+            resources.close()
             raise
         self.store = store
         self.started_at = datetime.now(UTC)
         if become_subreaper():
             logger.debug("runvisor is the child subreaper of its runs")
+        # Before the orphan reaper starts: it must leave their exit status
+        # to their runs.
+        started_runs = self._adopt(early, store)
         try:
-            await self._recover_lost_runs(store)
+            await self._recover_lost_runs(store, started_runs)
             if self.credentials is None:
                 self.credentials = await self._open_credentials(self.config)
             for warning in await self._credential_warnings(self.config):
@@ -211,18 +183,26 @@ class Daemon:
                 settings=self.config.runvisor,
                 clock=self.clock,
                 credentials=self.credentials,
+                started_runs=started_runs,
             )
             async with trio.open_nursery() as root:
                 await root.start(store.writer)
                 await root.start(reap_orphans)
-                with trio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-                ) as signals:
+                with trio.open_signal_receiver(*DAEMON_SIGNALS) as signals:
+                    if self._boot is not None:
+                        # Those that came before the event loop ran: sent
+                        # again, so that the receiver gets them.
+                        for signum in self._boot.signals:
+                            os.kill(os.getpid(), signum)
                     async with trio.open_nursery() as services:
                         manager = Manager(self.config, context)
                         self.manager = manager
                         await services.start(manager.run)
-                        await services.start(ControlServer(self).serve, control)
+                        # A project takes its early run as it starts.
+                        self._discard_unclaimed(started_runs)
+                        await services.start(
+                            ControlServer(self).serve, resources.control
+                        )
                         services.start_soon(self._watch_signals, signals)
                         logger.info(
                             "running: config=%s projects=%d data_dir=%s pid=%d",
@@ -240,9 +220,9 @@ class Daemon:
                         services.cancel_scope.cancel()
                 root.cancel_scope.cancel()
         finally:
+            self._discard_unclaimed(started_runs)
             store.close()
-            control.close()
-            os.close(data_lock)
+            resources.close()
         logger.info("stopped")
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
@@ -254,22 +234,29 @@ class Daemon:
                 logger.info("%s received: shutting down", signal.Signals(signum).name)
                 self.request_shutdown()
 
-    async def _recover_lost_runs(self, store: Store) -> None:
+    async def _recover_lost_runs(
+        self, store: Store, started_runs: Mapping[str, PreparedRun]
+    ) -> None:
         # Processes first, rows second: a crash in between leaves the rows
-        # `running`, so the next start does both again.
-        stop_settings = {
-            name: StopSettings(
-                signal.Signals[project.stop_signal], project.stop_timeout
-            )
-            for name, project in self.config.projects.items()
-        }
-        await end_leftover_runs(self.data_dir, stop_settings)
+        # `running`, so the next start does both again. Runs started before
+        # the event loop exist only when no process was left (see
+        # supervisor.boot), and carry this data dir's marker themselves.
+        if not started_runs:
+            stop_settings = {
+                name: StopSettings(
+                    signal.Signals[project.stop_signal], project.stop_timeout
+                )
+                for name, project in self.config.projects.items()
+            }
+            await end_leftover_runs(self.data_dir, stop_settings)
         # No run of this daemon has started yet, so a `.env.local` here belongs
-        # to no run, most likely one of a daemon killed during a run.
+        # to no run, most likely one of a daemon killed during a run; those
+        # of the runs started before the event loop are new.
+        written = {str(run.spec.cwd) for run in started_runs.values()}
         for project in self.config.projects.values():
-            if not project.keep_env_file and remove_env_file(
-                Path(project.path), stale=True
-            ):
+            if project.keep_env_file or str(Path(project.path)) in written:
+                continue
+            if remove_env_file(Path(project.path), stale=True):
                 logger.warning("removed %s/.env.local, found at start-up", project.path)
         lost = await store.mark_lost(datetime.now(UTC))
         for record in lost:
@@ -278,6 +265,47 @@ class Daemon:
                 record.project,
                 record.id,
                 record.pid,
+            )
+
+    def _adopt(self, early: list[EarlyRun], store: Store) -> dict[str, PreparedRun]:
+        """Take over the runs that `runvisor serve` started before the
+        event loop ran, by project."""
+        adopted: dict[str, PreparedRun] = {}
+        now = time.monotonic()
+        for run in early:
+            process = adopt_process(
+                run.popen, run.stdout, run.stderr, run.spec, now - run.started_monotonic
+            )
+            store.reserve_run_ids(run.run_id)
+            adopted[run.project.name] = PreparedRun(
+                run_id=run.run_id,
+                project=run.project,
+                resolved=ResolvedEnv(variables=run.variables, secrets=run.secrets),
+                spec=run.spec,
+                run_log=new_run_log(self.config.runvisor, run.project.name, run.run_id),
+                env_written=True,
+                process=process,
+                started_at=run.started_at,
+            )
+        if adopted:
+            logger.info(
+                "started before the event loop: %d always-running projects",
+                len(adopted),
+            )
+        return adopted
+
+    def _discard_unclaimed(self, started_runs: dict[str, PreparedRun]) -> None:
+        """End the early runs that no project took over."""
+        while started_runs:
+            name, run = started_runs.popitem()
+            run.process.discard()
+            if not run.project.keep_env_file:
+                remove_env_file(run.spec.cwd)
+            logger.info(
+                "early run discarded: project=%s run=%d its project did not "
+                "start with it; the run id is skipped",
+                name,
+                run.run_id,
             )
 
     async def _open_credentials(self, config: Config) -> BackendCredentials:

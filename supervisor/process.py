@@ -23,12 +23,10 @@ with the same signal and grace period.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from supervisor.spawn import (
     ProcessSpec,
     can_hold,
     find_processes,
+    is_subreaper,
     program_path,
     resolve_argv,
     spawn_leader,
@@ -486,7 +485,79 @@ def _file_version(path: str) -> tuple[int, int, int, int] | None:
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-class HeldProcess:
+class StartedProcess:
+    """A run's leader that was started before its run took it over.
+
+    Pass it to `open_process`, which owns it from then on; `discard` ends
+    one that is not used. `started_at` is trio's time at its start, when
+    that came before the run's, so that the run's uptime counts from it.
+    """
+
+    def __init__(
+        self,
+        started: tuple[_Leader, trio.lowlevel.FdStream, trio.lowlevel.FdStream],
+        spec: ProcessSpec,
+        started_at: float | None = None,
+    ) -> None:
+        self._started = started
+        self.spec = spec
+        self.pid = started[0].pid
+        self.started_at = started_at
+        self._taken = False
+
+    def release(self) -> None:
+        """Let the run's script start; it already has."""
+
+    def discard(self) -> None:
+        """End a leader that was not handed to `open_process`: kill its
+        group, and reap it in the background."""
+        self._close_gate()
+        if self._taken:
+            return
+        self._taken = True
+        leader, stdout, stderr = self._started
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(leader.pid, signal.SIGKILL)
+
+        async def reap() -> None:
+            # Shielded and bounded: SIGKILL ends a process blocked in `read`
+            # at once, and the daemon's shutdown should not leave a zombie.
+            with trio.move_on_after(KILLED_GROUP_WAIT_SECONDS) as scope:
+                scope.shield = True
+                await leader.wait()
+                _leaders.pids.discard(leader.pid)
+                await stdout.aclose()
+                await stderr.aclose()
+
+        trio.lowlevel.spawn_system_task(reap, name=f"discard pid {leader.pid}")
+
+    def _take(
+        self,
+    ) -> tuple[_Leader, trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
+        if self._taken:
+            raise RuntimeError(f"started process {self.pid} was already used")
+        self._taken = True
+        return self._started
+
+    def _close_gate(self) -> None:
+        pass
+
+
+def adopt_process(
+    popen: subprocess.Popen[bytes],
+    stdout: int,
+    stderr: int,
+    spec: ProcessSpec,
+    age: float,
+) -> StartedProcess:
+    """Take over a leader that `spawn_leader` started `age` seconds ago,
+    before trio ran, with the reading ends of its output pipes."""
+    return StartedProcess(
+        _wrap((popen, stdout, stderr)), spec, trio.current_time() - age
+    )
+
+
+class HeldProcess(StartedProcess):
     """A run's leader, started ahead of time and held at its gate.
 
     Starting bash is most of what a run's start costs. When 200 scheduled
@@ -509,15 +580,13 @@ class HeldProcess:
         self._script_version = _file_version(self._script)
         gate_read, self._gate = os.pipe()
         try:
-            self._started = _start(argv, spec, (gate_script, gate_read))
+            started = _start(argv, spec, (gate_script, gate_read))
         except BaseException:
             os.close(self._gate)
             raise
         finally:
             os.close(gate_read)
-        self.spec = spec
-        self.pid = self._started[0].pid
-        self._taken = False
+        super().__init__(started, spec)
 
     def script_changed(self) -> bool:
         """Tell whether the script was replaced or edited since the start.
@@ -537,37 +606,6 @@ class HeldProcess:
                 os.write(self._gate, b"go\n")
             self._close_gate()
 
-    def discard(self) -> None:
-        """End a leader that was not handed to `open_process`: close its
-        gate, kill it, and reap it in the background."""
-        self._close_gate()
-        if self._taken:
-            return
-        self._taken = True
-        leader, stdout, stderr = self._started
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(leader.pid, signal.SIGKILL)
-
-        async def reap() -> None:
-            # Shielded and bounded: SIGKILL ends a process blocked in `read`
-            # at once, and the daemon's shutdown should not leave a zombie.
-            with trio.move_on_after(KILLED_GROUP_WAIT_SECONDS) as scope:
-                scope.shield = True
-                await leader.wait()
-                _leaders.pids.discard(leader.pid)
-                await stdout.aclose()
-                await stderr.aclose()
-
-        trio.lowlevel.spawn_system_task(reap, name=f"discard held pid {leader.pid}")
-
-    def _take(
-        self,
-    ) -> tuple[_Leader, trio.lowlevel.FdStream, trio.lowlevel.FdStream]:
-        if self._taken:
-            raise RuntimeError(f"held process {self.pid} was already used")
-        self._taken = True
-        return self._started
-
     def _close_gate(self) -> None:
         if self._gate >= 0:
             os.close(self._gate)
@@ -582,7 +620,7 @@ async def open_process(
     stop_signal: int = signal.SIGTERM,
     stop_timeout: float = 10.0,
     keep_whole: Sequence[str] = (),
-    held: HeldProcess | None = None,
+    started: StartedProcess | None = None,
 ) -> AsyncIterator[ChildProcess]:
     """Start a run and yield it; on leaving, make sure it is over.
 
@@ -593,17 +631,20 @@ async def open_process(
     overlong line is cut into pieces, never inside one of the `keep_whole`
     texts (the secrets that `on_output` masks).
 
-    With `held`, the run is that process, which the caller releases inside
-    the block; one left unreleased exits when the block closes its gate.
+    With `started`, the run is that process, which the caller releases
+    inside the block when it is held; a held one left unreleased exits
+    when the block closes its gate.
 
     Raises SpawnError when the run cannot be started.
     """
-    if held is not None:
-        process, stdout, stderr = held._take()
+    if started is not None:
+        process, stdout, stderr = started._take()
     else:
         process, stdout, stderr = _start(resolve_argv(spec), spec)
 
     child = ChildProcess(process, spec.markers)
+    if started is not None and started.started_at is not None:
+        child.started_at = started.started_at
     pumps_done = (trio.Event(), trio.Event())
     # Shielded, so a cancellation of the run (a daemon shutdown) does not
     # stop the reading: what the run prints while it stops, such as a
@@ -622,8 +663,8 @@ async def open_process(
         try:
             yield child
         finally:
-            if held is not None:
-                held._close_gate()
+            if started is not None:
+                started._close_gate()
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
                     await child.stop(stop_signal, stop_timeout)
@@ -711,31 +752,6 @@ async def reap_orphans(
             reap_orphans_now()
 
 
-def become_subreaper() -> bool:
-    """Make this process the child subreaper of its descendants (Linux).
-
-    Orphaned grandchildren of runs, including those that left their group
-    with setsid, are then re-parented to the daemon instead of init, so they
-    can still be found and ended. Return False where this is not available.
-    """
-    global _is_subreaper
-    if not sys.platform.startswith("linux"):
-        return False
-    pr_set_child_subreaper = 36
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        result = libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        return False
-    _is_subreaper = bool(result == 0)
-    return _is_subreaper
-
-
-# Whether become_subreaper succeeded: only then does every process of a run
-# stay a descendant of this daemon, which `run_candidates` relies on.
-_is_subreaper = False
-
-
 def _child_pids(pid: int) -> list[int] | None:
     """Direct children of `pid`, or None where the kernel has no
     /proc/PID/task/TID/children lists (CONFIG_PROC_CHILDREN)."""
@@ -796,7 +812,7 @@ def run_candidates(leader: int) -> list[int] | None:
     daemon adopted (children that are no run leaders) and their descendants.
     Return None when the trees cannot be walked; callers then scan /proc.
     """
-    if not _is_subreaper:
+    if not is_subreaper():
         return None
     own_children = _adopted_or_leaders()
     if own_children is None:

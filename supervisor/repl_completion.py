@@ -181,9 +181,9 @@ class ShellCompleter(Completer):
 
     def nicknames(self) -> list[tuple[str, str]]:
         def fetch() -> list[tuple[str, str]]:
+            from supervisor.boot import DATABASE_NAME
             from supervisor.config import load_config
             from supervisor.credentials import known_credentials
-            from supervisor.daemon import DATABASE_NAME
 
             config = load_config(self.config_path)
             database = Path(config.runvisor.data_dir) / DATABASE_NAME

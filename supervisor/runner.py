@@ -34,14 +34,9 @@ from pathlib import Path
 import trio
 
 from supervisor.config import DaemonSettings, ProjectConfig, format_duration
-from supervisor.credentials import (
-    CredentialLookup,
-    ResolvedEnv,
-    remove_env_file,
-    resolve_env,
-    write_env_file,
-)
+from supervisor.credentials import CredentialLookup, ResolvedEnv, resolve_env
 from supervisor.cron import CronSchedule
+from supervisor.env_file import remove_env_file, write_env_file
 from supervisor.errors import CredentialError, SpawnError
 from supervisor.health import HealthChange, ProbeResult, watch
 from supervisor.logs import Hub, Masker, RunLog, delete_run_logs, run_log_path
@@ -67,6 +62,7 @@ from supervisor.process import (
     ChildProcess,
     ExitStatus,
     HeldProcess,
+    StartedProcess,
     open_process,
     write_gate_script,
 )
@@ -75,10 +71,9 @@ from supervisor.spawn import (
     ProcessSpec,
     can_hold,
     check_descriptors,
-    child_environment,
     describe_os_error,
     resolve_argv,
-    run_markers,
+    run_spec,
 )
 from supervisor.store import Store
 
@@ -128,14 +123,37 @@ class RuntimeContext:
     folder_secrets: dict[str, set[str]] = field(default_factory=dict)
     """The secrets written into each project folder's `.env.local` since
     start-up, by folder path."""
+    started_runs: dict[str, PreparedRun] = field(default_factory=dict)
+    """The runs that `runvisor serve` started before the event loop ran
+    (see supervisor.boot), by project. Each project's runner takes its own
+    as its first run."""
 
     @property
     def logs_dir(self) -> Path:
         return Path(self.settings.data_dir) / "logs"
 
 
-@dataclass
-class HeldRun:
+@dataclass(kw_only=True)
+class PreparedRun:
+    """A run whose leader started before its history row was queued.
+
+    Its `.env.local` is written and its variables resolved; its log is
+    opened when the run starts. `started_at` is when the leader started, if
+    not at the run's start.
+    """
+
+    run_id: int
+    project: ProjectConfig
+    resolved: ResolvedEnv
+    spec: ProcessSpec
+    run_log: RunLog
+    env_written: bool
+    process: StartedProcess
+    started_at: datetime | None = None
+
+
+@dataclass(kw_only=True)
+class HeldRun(PreparedRun):
     """A scheduled run whose leader started `prestart` seconds ahead of its
     fire time and waits at its gate until the fire releases it.
 
@@ -146,12 +164,6 @@ class HeldRun:
     """
 
     fire_time: datetime
-    run_id: int
-    project: ProjectConfig
-    resolved: ResolvedEnv
-    spec: ProcessSpec
-    run_log: RunLog
-    env_written: bool
     run_starts: int
     process: HeldProcess
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -162,7 +174,7 @@ class HeldRun:
 @dataclass
 class ActiveRun:
     record: RunRecord
-    held: HeldRun | None = None
+    prepared: PreparedRun | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
     child: ChildProcess | None = None
@@ -195,6 +207,16 @@ def is_cancellation(error: BaseException) -> bool:
 
 def utc_now(clock: WallClock) -> datetime:
     return clock.now().astimezone(UTC)
+
+
+def new_run_log(settings: DaemonSettings, project: str, run_id: int) -> RunLog:
+    """Return the log of a run, not opened yet."""
+    return RunLog(
+        run_log_path(Path(settings.data_dir) / "logs", project, run_id),
+        max_bytes=settings.log_max_bytes,
+        backups=settings.log_backups,
+        open_now=False,
+    )
 
 
 def _prepare_files(run_log: RunLog, folder: Path, variables: Mapping[str, str]) -> bool:
@@ -272,7 +294,7 @@ class ProjectRunner:
                 else:
                     self._set_state(ProjectState.STOPPED, STOPPED_BY_USER)
             elif self.mode == TriggerMode.ALWAYS_RUNNING:
-                nursery.start_soon(self._supervise)
+                nursery.start_soon(self._supervise, self._take_started_run(start))
                 if start:
                     self._set_up_wanted(True)
                 else:
@@ -502,8 +524,14 @@ class ProjectRunner:
         except SpawnError:
             return  # as above
         run_id = context.store.next_run_id()
-        spec = self._run_spec(project, resolved, run_id, RunTrigger.SCHEDULE)
-        run_log = self._new_run_log(run_id)
+        spec = run_spec(
+            project,
+            resolved.variables,
+            context.settings.data_dir,
+            run_id,
+            RunTrigger.SCHEDULE,
+        )
+        run_log = new_run_log(self.context.settings, self.name, run_id)
 
         try:
             process = HeldProcess(spec, write_gate_script(context.settings.data_dir))
@@ -530,15 +558,15 @@ class ProjectRunner:
             process.discard()
             return
         held = HeldRun(
-            fire_time,
-            run_id,
-            project,
-            resolved,
-            spec,
-            run_log,
-            env_written,
-            self._run_starts,
-            process,
+            fire_time=fire_time,
+            run_id=run_id,
+            project=project,
+            resolved=resolved,
+            spec=spec,
+            run_log=run_log,
+            env_written=env_written,
+            run_starts=self._run_starts,
+            process=process,
         )
         self._drop_held("a newer fire time was prepared")
         self._held = held
@@ -571,22 +599,27 @@ class ProjectRunner:
             self._discard_held(held, reason)
 
     def _discard_held(self, held: HeldRun, reason: str) -> None:
-        """End a held run that will not run, and remove its files. Its run
-        id is skipped, which the log line explains."""
         if held.done:
             return
         held.done = True
         held.scope.cancel()
-        held.process.discard()
-        held.run_log.close()
+        self._discard_prepared(held, reason)
+
+    def _discard_prepared(self, prepared: PreparedRun, reason: str) -> None:
+        """End a run whose leader started but that will not run, and remove
+        its files. Its run id is skipped, which the log line explains."""
+        prepared.process.discard()
+        prepared.run_log.close()
         with contextlib.suppress(OSError):
-            held.run_log.path.unlink()
-        if held.env_written and not held.project.keep_env_file and not self.runs:
-            remove_env_file(Path(held.project.path))
+            prepared.run_log.path.unlink()
+        project = prepared.project
+        if prepared.env_written and not project.keep_env_file and not self.runs:
+            remove_env_file(Path(project.path))
         logger.info(
-            "held run discarded: project=%s run=%d %s; the run id is skipped",
+            "%s run discarded: project=%s run=%d %s; the run id is skipped",
+            "held" if isinstance(prepared, HeldRun) else "early",
             self.name,
-            held.run_id,
+            prepared.run_id,
             reason,
         )
 
@@ -666,10 +699,10 @@ class ProjectRunner:
         self,
         trigger: RunTrigger,
         fire_time: datetime | None,
-        held: HeldRun | None = None,
+        prepared: PreparedRun | None = None,
     ) -> int:
         assert self._nursery is not None
-        active = self._new_active_run(trigger, fire_time, held)
+        active = self._new_active_run(trigger, fire_time, prepared)
         self._nursery.start_soon(self._run_and_follow_up, active)
         return active.record.id
 
@@ -690,69 +723,89 @@ class ProjectRunner:
 
     # -- always running -------------------------------------------------------
 
-    async def _supervise(self) -> None:
+    def _take_started_run(self, start: bool) -> PreparedRun | None:
+        """Take the run that `runvisor serve` started for this project
+        before the event loop ran, if any and if it is of this config."""
+        started = self.context.started_runs.get(self.name)
+        if start and started is not None and started.project == self.project:
+            del self.context.started_runs[self.name]
+            return started
+        return None
+
+    async def _supervise(self, started: PreparedRun | None = None) -> None:
+        """Keep the project up while it is wanted up. `started` is a first
+        run whose leader started already."""
         trigger = RunTrigger.STARTUP
-        while True:
-            while not self._up_wanted:
-                changed = self._up_changed
-                await changed.wait()
-            active = self._new_active_run(trigger, None)
-            record = await self._execute(active)
+        try:
+            while True:
+                if started is not None and not self._up_wanted:
+                    self._discard_prepared(started, "the project was stopped")
+                    started = None
+                while not self._up_wanted:
+                    changed = self._up_changed
+                    await changed.wait()
+                active = self._new_active_run(trigger, None, started)
+                started = None
+                trigger = await self._supervise_run(active)
+        finally:
+            if started is not None:
+                self._discard_prepared(started, self.shutdown_reason)
 
-            if active.stop_reason is not None:
-                # A person's stop or restart: never a failure, never restarted.
-                self._set_state(ProjectState.STOPPED, active.stop_reason)
-                trigger = RunTrigger.MANUAL
-                continue
+    async def _supervise_run(self, active: ActiveRun) -> RunTrigger:
+        """Run one run of an always-running project and apply the restart
+        policy; return the trigger of the next run."""
+        record = await self._execute(active)
 
-            exit_status = active.exit_status or ExitStatus(None, None)
-            decision = self.tracker.on_exit(
-                exit_code=exit_status.exit_code,
-                signal=exit_status.signal,
-                uptime=active.child.uptime if active.child is not None else 0.0,
-                now=trio.current_time(),
-                health_failure=active.health_failure is not None,
-            )
-            if decision.action == Action.EXIT:
-                self._set_up_wanted(False)
-                self._set_state(ProjectState.EXITED, decision.reason)
-                trigger = RunTrigger.MANUAL
-                continue
-            if decision.action == Action.GIVE_UP:
-                self._set_up_wanted(False)
-                logger.warning(
-                    "gave up: project=%s run=%d %s",
-                    self.name,
-                    record.id,
-                    decision.reason,
-                )
-                self._record_event("gave_up", record.id, decision.reason)
-                self._set_state(ProjectState.FATAL, decision.reason)
-                trigger = RunTrigger.MANUAL
-                continue
+        if active.stop_reason is not None:
+            # A person's stop or restart: never a failure, never restarted.
+            self._set_state(ProjectState.STOPPED, active.stop_reason)
+            return RunTrigger.MANUAL
 
-            self._set_state(
-                ProjectState.BACKOFF,
-                f"restarting in {format_duration(decision.delay)} after "
-                f"{self._describe(record)}",
-            )
-            logger.info(
-                "backoff: project=%s run=%d delay=%.3fs",
+        exit_status = active.exit_status or ExitStatus(None, None)
+        decision = self.tracker.on_exit(
+            exit_code=exit_status.exit_code,
+            signal=exit_status.signal,
+            uptime=active.child.uptime if active.child is not None else 0.0,
+            now=trio.current_time(),
+            health_failure=active.health_failure is not None,
+        )
+        if decision.action == Action.EXIT:
+            self._set_up_wanted(False)
+            self._set_state(ProjectState.EXITED, decision.reason)
+            return RunTrigger.MANUAL
+        if decision.action == Action.GIVE_UP:
+            self._set_up_wanted(False)
+            logger.warning(
+                "gave up: project=%s run=%d %s",
                 self.name,
                 record.id,
-                decision.delay,
+                decision.reason,
             )
-            with trio.CancelScope() as backoff:
-                self._backoff_scope = backoff
-                await trio.sleep(decision.delay)
-            self._backoff_scope = None
-            if backoff.cancelled_caught or not self._up_wanted:
-                self._set_state(ProjectState.STOPPED, STOPPED_BY_USER)
-                trigger = RunTrigger.MANUAL
-                continue
-            logger.info("restarting: project=%s after run=%d", self.name, record.id)
-            self._record_event("restart", record.id, self._describe(record))
-            trigger = RunTrigger.RESTART
+            self._record_event("gave_up", record.id, decision.reason)
+            self._set_state(ProjectState.FATAL, decision.reason)
+            return RunTrigger.MANUAL
+
+        self._set_state(
+            ProjectState.BACKOFF,
+            f"restarting in {format_duration(decision.delay)} after "
+            f"{self._describe(record)}",
+        )
+        logger.info(
+            "backoff: project=%s run=%d delay=%.3fs",
+            self.name,
+            record.id,
+            decision.delay,
+        )
+        with trio.CancelScope() as backoff:
+            self._backoff_scope = backoff
+            await trio.sleep(decision.delay)
+        self._backoff_scope = None
+        if backoff.cancelled_caught or not self._up_wanted:
+            self._set_state(ProjectState.STOPPED, STOPPED_BY_USER)
+            return RunTrigger.MANUAL
+        logger.info("restarting: project=%s after run=%d", self.name, record.id)
+        self._record_event("restart", record.id, self._describe(record))
+        return RunTrigger.RESTART
 
     # -- one run ----------------------------------------------------------------
 
@@ -760,51 +813,22 @@ class ProjectRunner:
         self,
         trigger: RunTrigger,
         fire_time: datetime | None,
-        held: HeldRun | None = None,
+        prepared: PreparedRun | None = None,
     ) -> ActiveRun:
         self._run_starts += 1
+        started_at = None if prepared is None else prepared.started_at
         record = RunRecord(
-            id=held.run_id if held else self.context.store.next_run_id(),
+            id=prepared.run_id if prepared else self.context.store.next_run_id(),
             project=self.name,
             trigger=trigger,
             status=RunStatus.RUNNING,
-            started_at=utc_now(self.context.clock),
+            started_at=started_at or utc_now(self.context.clock),
             fire_time=fire_time,
         )
-        active = ActiveRun(record=record, held=held)
+        active = ActiveRun(record=record, prepared=prepared)
         self.runs[record.id] = active
         self._idle = trio.Event()
         return active
-
-    def _run_spec(
-        self,
-        project: ProjectConfig,
-        resolved: ResolvedEnv,
-        run_id: int,
-        trigger: RunTrigger,
-    ) -> ProcessSpec:
-        """Build what a run starts: the command in the project's folder, with
-        its variables and the run's markers."""
-        markers = run_markers(self.context.settings.data_dir, self.name, run_id)
-        env = child_environment(
-            {
-                **resolved.variables,
-                **markers,
-                "RUNVISOR_TRIGGER": str(trigger),
-            }
-        )
-        return ProcessSpec(
-            command=project.command, cwd=Path(project.path), env=env, markers=markers
-        )
-
-    def _new_run_log(self, run_id: int) -> RunLog:
-        settings = self.context.settings
-        return RunLog(
-            run_log_path(self.context.logs_dir, self.name, run_id),
-            max_bytes=settings.log_max_bytes,
-            backups=settings.log_backups,
-            open_now=False,
-        )
 
     async def _execute(self, active: ActiveRun) -> RunRecord:
         """Run one run from start to its final history row."""
@@ -812,12 +836,12 @@ class ProjectRunner:
         context = self.context
         record = active.record
         folder = Path(project.path)
-        held = active.held
-        if held is not None:
-            run_log = held.run_log
-            env_written = held.env_written
+        prepared = active.prepared
+        if prepared is not None:
+            run_log = prepared.run_log
+            env_written = prepared.env_written
         else:
-            run_log = self._new_run_log(record.id)
+            run_log = new_run_log(self.context.settings, self.name, record.id)
             env_written = False
         masker = Masker(())
         starting_state = (
@@ -854,29 +878,38 @@ class ProjectRunner:
                 # Before the first await: runs that start at once then count
                 # each other's open files.
                 check_descriptors()
-                if held is not None:
-                    resolved = held.resolved
-                    spec = held.spec
+                if prepared is not None:
+                    resolved = prepared.resolved
+                    spec = prepared.spec
+                    run_log.open()
                 else:
                     resolved = await resolve_env(project, context.credentials)
-                    spec = self._run_spec(project, resolved, record.id, record.trigger)
+                    spec = run_spec(
+                        project,
+                        resolved.variables,
+                        context.settings.data_dir,
+                        record.id,
+                        record.trigger,
+                    )
                 # Projects that share a folder share its `.env.local`, and a
                 # run may print what another project's run wrote there. So
                 # each run masks the secrets of every run in its folder.
                 shared = context.folder_secrets.setdefault(str(folder), set())
                 shared.update(resolved.secrets)
                 masker = Masker(resolved.secrets, shared)
-                if held is None:
+                if prepared is None:
                     env_written = _prepare_files(run_log, folder, resolved.variables)
                 # The row must be on disk before the child exists (or, when
                 # held, before it is released): after a crash it is what
                 # marks the run lost, and its fire time keeps a catch-up from
                 # running that fire time again. A database locked for longer
-                # delays the start only this long.
+                # delays the start only this long. (A run started before the
+                # event loop exists already; its processes carry the data
+                # dir's marker, by which the next start ends them.)
                 with trio.move_on_after(ROW_BEFORE_SPAWN_SECONDS):
                     await context.store.flush()
-                if held is not None and active.stop_reason is None:
-                    held.process.release()
+                if prepared is not None and active.stop_reason is None:
+                    prepared.process.release()
                     # Runs released together wake up from the same commit:
                     # each releases before any of them sets up its output,
                     # so the last release is not held up by the others. A
@@ -892,7 +925,7 @@ class ProjectRunner:
                     stop_signal=signal.Signals[project.stop_signal],
                     stop_timeout=project.stop_timeout,
                     keep_whole=masker.values,
-                    held=held.process if held else None,
+                    started=prepared.process if prepared else None,
                 ) as child:
                     active.child = child
                     record.pid = child.pid
@@ -941,9 +974,9 @@ class ProjectRunner:
             raise
         finally:
             # No await in here, so cancellation cannot cut it short.
-            if held is not None:
-                # Ends a held leader that the run did not get to use.
-                held.process.discard()
+            if prepared is not None:
+                # Ends a leader that the run did not get to use.
+                prepared.process.discard()
             run_log.close()
             if env_written and not project.keep_env_file:
                 remove_env_file(folder)
@@ -1040,7 +1073,9 @@ class ProjectRunner:
         once it has stayed up for `start_seconds`."""
         project = self.project
         if self.mode == TriggerMode.ALWAYS_RUNNING:
-            with trio.move_on_after(project.start_seconds):
+            # From the leader's start, which for a run started before the
+            # event loop came before the run's.
+            with trio.move_on_at(child.started_at + project.start_seconds):
                 return await child.wait()
             self._set_state(ProjectState.RUNNING, f"run {active.record.id}")
             logger.info(

@@ -10,6 +10,7 @@ is started here.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supervisor.config import ProjectConfig
 from supervisor.errors import SpawnError
 
 # The size of the buffer in which Linux (5.1 and later) reads a script's
@@ -262,6 +264,17 @@ def check_descriptors() -> None:
     _descriptors.checks_left = room // SPAWN_DESCRIPTORS // 2
 
 
+def runs_that_fit() -> int | None:
+    """Return how many more runs the file descriptor limit leaves room for,
+    at SPAWN_DESCRIPTORS each and with RESERVED_DESCRIPTORS kept free, or
+    None when there is no limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    in_use = len(os.listdir("/proc/self/fd"))
+    return max(0, (soft - in_use - RESERVED_DESCRIPTORS) // SPAWN_DESCRIPTORS)
+
+
 def describe_os_error(error: OSError) -> str:
     """Describe an OSError of a run's start as a sentence, with the fix when
     the daemon ran out of file descriptors."""
@@ -312,8 +325,24 @@ def find_processes(
     return found
 
 
+def run_spec(
+    project: ProjectConfig,
+    variables: Mapping[str, str],
+    data_dir: str | Path,
+    run_id: int,
+    trigger: str,
+) -> ProcessSpec:
+    """Build what a run starts: the project's command in its folder, with
+    its variables and the run's markers."""
+    markers = run_markers(data_dir, project.name, run_id)
+    env = child_environment({**variables, **markers, "RUNVISOR_TRIGGER": trigger})
+    return ProcessSpec(
+        command=project.command, cwd=Path(project.path), env=env, markers=markers
+    )
+
+
 def run_markers(data_dir: str | Path, project: str, run_id: int) -> dict[str, str]:
-    """The environment variables that mark every process of a run.
+    """Return the environment variables that mark every process of a run.
 
     The data dir distinguishes the runs of two daemons on one machine,
     which may both have a project of that name and a run of that id.
@@ -388,3 +417,37 @@ def _popen(
         os.close(out_write)
         os.close(err_write)
     return popen, out_read, err_read
+
+
+@dataclass
+class _Subreaper:
+    active: bool = False
+    """Whether `become_subreaper` succeeded: only then does every process of
+    a run stay a descendant of this daemon, which the process-tree walks
+    of `supervisor.process` rely on."""
+
+
+_subreaper = _Subreaper()
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its descendants (Linux).
+
+    Orphaned grandchildren of runs, including those that left their group
+    with setsid, are then re-parented to the daemon instead of init, so they
+    can still be found and ended. Return False where this is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    pr_set_child_subreaper = 36
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        result = libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        return False
+    _subreaper.active = bool(result == 0)
+    return _subreaper.active
+
+
+def is_subreaper() -> bool:
+    return _subreaper.active

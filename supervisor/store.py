@@ -601,6 +601,11 @@ class Store:
         self._last_run_id += 1
         return self._last_run_id
 
+    def reserve_run_ids(self, through: int) -> None:
+        """Reserve every run id up to `through`, which runs started before
+        the store was open have taken."""
+        self._last_run_id = max(self._last_run_id, through)
+
     def put_run(self, run: RunRecord) -> None:
         """Queue an insert or update of the run. Never blocks.
 

@@ -19,6 +19,7 @@ from typing import IO
 
 from supervisor.control import Client
 from supervisor.errors import DaemonNotRunning
+from supervisor.protocol import StatusRequest
 
 from .helpers import runvisor_argv
 
@@ -59,8 +60,11 @@ class DaemonProcess:
             )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
+            # Ready once it answers: the socket listens (and a connection
+            # waits) while the daemon still starts up.
             try:
-                Client.connect(self.socket).close()
+                with Client.connect(self.socket) as client:
+                    client.request(StatusRequest())
                 return self
             except DaemonNotRunning:
                 pass

@@ -25,14 +25,8 @@ from hypothesis import strategies as st
 from supervisor.config import ProjectConfig, check_config, parse_config
 from supervisor.credential_backends import MAX_HUNG_CALLS, BackendInfo, TimedCalls
 from supervisor.credential_file import FileSecrets, KeySource
-from supervisor.credentials import (
-    ENV_FILE_NAME,
-    BackendCredentials,
-    credential_warnings,
-    format_env_file,
-    resolve_env,
-    write_env_file,
-)
+from supervisor.credentials import BackendCredentials, credential_warnings, resolve_env
+from supervisor.env_file import ENV_FILE_NAME, format_env_file, write_env_file
 from supervisor.errors import ConfigError, CredentialError
 
 # Values that break naive quoting: each must come back byte for byte.

@@ -322,7 +322,7 @@ def test_children_do_not_inherit_systemd_notify_socket(
 
 
 async def test_tree_walk_finds_a_process_that_left_the_group(tmp_path: Path) -> None:
-    assert process.become_subreaper()
+    assert spawn.become_subreaper()
     write_script(
         tmp_path,
         """
@@ -483,7 +483,7 @@ async def test_held_run_starts_its_script_only_when_released(tmp_path: Path) -> 
     await trio.sleep(0.2)
 
     output = Collector()
-    async with open_process(spec, output, held=held) as child:
+    async with open_process(spec, output, started=held) as child:
         assert child.pid == held.pid
         assert output.lines == []
         held.release()
@@ -505,7 +505,7 @@ async def test_unreleased_held_run_exits_without_running_its_script(
     spec = spec_for(tmp_path)
     held = process.HeldProcess(spec, process.write_gate_script(tmp_path))
     await _wait_blocked_in_read(held.pid)
-    async with open_process(spec, Collector(), held=held) as child:
+    async with open_process(spec, Collector(), started=held) as child:
         # What the kernel does to the gate when the daemon dies.
         held._close_gate()
         status = await child.wait()
