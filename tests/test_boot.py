@@ -12,7 +12,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from supervisor.store import Database
 
 from .daemon_process import DaemonProcess, wait_until
 from .helpers import runvisor_argv
+from .test_realtime import write_config
 
 # What each project's script reports as soon as it starts: its pid, its
 # run's markers, and a variable read back from `.env.local`.
@@ -59,15 +59,6 @@ def make_project(root: Path, name: str, script: str = SCRIPT) -> Path:
     run.write_text(script)
     run.chmod(0o755)
     return folder
-
-
-def write_config(tmp_path: Path, projects: str) -> Path:
-    path = tmp_path / "runvisor.toml"
-    path.write_text(
-        f'[runvisor]\ndata_dir = "{tmp_path / "data"}"\n'
-        f'socket = "{tmp_path / "control.sock"}"\n' + textwrap.dedent(projects)
-    )
-    return path
 
 
 def started_line(folder: Path) -> list[str]:
@@ -297,9 +288,9 @@ def started_line_after(folder: Path, old_pid: str) -> list[str]:
     return report.read_text().split()
 
 
-def test_failed_start_ends_early_runs(
-    tmp_path: Path,
-) -> None:
+def plain_daemon(tmp_path: Path) -> tuple[DaemonProcess, Path]:
+    """Return a daemon, not started, of one always-running project, and
+    that project's folder."""
     folder = make_project(tmp_path, "plain")
     daemon = DaemonProcess(
         tmp_path,
@@ -309,6 +300,11 @@ def test_failed_start_ends_early_runs(
         trigger = "always_running"
         """,
     )
+    return daemon, folder
+
+
+def test_failed_start_ends_early_runs(tmp_path: Path) -> None:
+    daemon, folder = plain_daemon(tmp_path)
     # A history of a newer runvisor: readable, but the daemon refuses it.
     Database.open(daemon.data_dir / DATABASE_NAME).close()
     with sqlite3.connect(daemon.data_dir / DATABASE_NAME) as database:
@@ -332,15 +328,7 @@ def daemon_argv(daemon: DaemonProcess) -> list[str]:
 
 
 def test_sigterm_during_boot_stops_runs(tmp_path: Path) -> None:
-    folder = make_project(tmp_path, "plain")
-    daemon = DaemonProcess(
-        tmp_path,
-        f"""
-        [projects.plain]
-        path = "{folder}"
-        trigger = "always_running"
-        """,
-    )
+    daemon, folder = plain_daemon(tmp_path)
     serve = subprocess.Popen(
         [*daemon_argv(daemon), "serve"],
         stdout=subprocess.DEVNULL,
