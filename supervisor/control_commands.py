@@ -227,7 +227,7 @@ def _read_database(config: Any, read: Any, empty: Any) -> Any:
     """Run `read(database)` on the config's database, or return `empty`
     when the database does not exist yet (it is not created)."""
     from supervisor.boot import DATABASE_NAME
-    from supervisor.store import Database
+    from supervisor.database import Database
 
     path = Path(config.runvisor.data_dir) / DATABASE_NAME
     if not path.exists():

@@ -40,8 +40,8 @@ from supervisor.credential_backends import (
 )
 from supervisor.credential_file import KEY_FILE_NAME, make_private_dir
 from supervisor.credentials import credential_warnings, select_backend
+from supervisor.database import Database
 from supervisor.errors import CredentialError
-from supervisor.store import Database
 
 
 @dataclass

@@ -231,7 +231,7 @@ def known_credentials(database_path: Path) -> set[str]:
 
     A database that does not exist yet has none, and is not created.
     """
-    from supervisor.store import Database
+    from supervisor.database import Database
 
     if not database_path.exists():
         return set()

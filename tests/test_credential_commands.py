@@ -13,7 +13,7 @@ import pexpect
 import pytest
 
 from supervisor.credential_file import KEY_FILE_NAME, STORE_FILE_NAME
-from supervisor.store import Database
+from supervisor.database import Database
 
 from .credential_helpers import HOSTILE_SECRET, Cli, base_environment, write_config
 from .secret_service import SecretService, running_secret_service

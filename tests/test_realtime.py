@@ -17,9 +17,9 @@ from pathlib import Path
 import trio
 
 from supervisor.daemon import Daemon
+from supervisor.database import Database
 from supervisor.logs import read_run_log, run_log_path
 from supervisor.model import ProjectState, RunStatus
-from supervisor.store import Database
 
 from .helpers import marked_pids, wait_until_gone, write_script
 

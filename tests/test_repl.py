@@ -27,9 +27,9 @@ import pytest
 
 from supervisor.cli import build_parser
 from supervisor.control import Client
+from supervisor.database import Database
 from supervisor.repl import Shell, carries_secret
 from supervisor.repl_completion import ShellCompleter, subcommands
-from supervisor.store import Database
 
 from .daemon_process import DaemonProcess, runvisor_argv, wait_until
 from .helpers import marked_pids, wait_until_gone, write_script

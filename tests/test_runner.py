@@ -17,10 +17,10 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from supervisor.database import Database
 from supervisor.logs import read_run_log
 from supervisor.model import ProjectState, RunRecord, RunStatus, RunTrigger, Stream
 from supervisor.spawn import DATA_DIR_VARIABLE, find_processes
-from supervisor.store import Database
 
 from .daemon_harness import WALL_BASE, Harness, running_daemon
 from .helpers import marked_pids, write_script

@@ -22,10 +22,11 @@ import pytest
 import sqlite_utils
 import trio
 
-from supervisor import store as store_module
+from supervisor import database as store_module
+from supervisor.database import LOST_REASON, Database, format_timestamp
 from supervisor.errors import StoreError
 from supervisor.model import RunEvent, RunRecord, RunStatus, RunTrigger
-from supervisor.store import LOST_REASON, Database, Store, format_timestamp
+from supervisor.store import Store
 
 T0 = datetime(2026, 12, 4, 17, 0, 0, tzinfo=UTC)
 
