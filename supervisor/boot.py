@@ -28,20 +28,18 @@ Nothing here imports trio.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from supervisor.config import Config, CredentialRef, ProjectConfig, SecretValue
 from supervisor.control_socket import ControlSocket, open_control_socket
 from supervisor.credential_file import take_key_environment
+from supervisor.database import Database
 from supervisor.env_file import remove_env_file, write_env_file
 from supervisor.errors import CredentialError, SpawnError, StoreError
 from supervisor.lockfile import LockHeld, take_lock
@@ -51,6 +49,7 @@ from supervisor.spawn import (
     ProcessSpec,
     become_subreaper,
     find_processes,
+    kill_run,
     resolve_argv,
     run_spec,
     runs_that_fit,
@@ -152,15 +151,37 @@ class EarlyRun:
     started_monotonic: float
 
     def end(self) -> None:
-        """Kill the run's process group, reap its leader, and remove its
+        """Kill the run's processes, reap its leader, and remove its
         `.env.local`: for a daemon that does not get to take it over."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        kill_run(self.popen.pid, self.spec.markers)
         self.popen.wait()
         os.close(self.stdout)
         os.close(self.stderr)
         if not self.project.keep_env_file:
             remove_env_file(Path(self.project.path))
+
+
+class KeptSignals:
+    """SIGTERM, SIGINT and SIGHUP, kept for the daemon until it handles them
+    itself: their default action would end this process, and leave the runs
+    started before the event loop unsupervised."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        """The signals that arrived, in order."""
+        self._previous = {
+            daemon_signal: signal.signal(daemon_signal, self._keep)
+            for daemon_signal in DAEMON_SIGNALS
+        }
+
+    def _keep(self, signum: int, _frame: object) -> None:
+        self.received.append(signum)
+
+    def restore(self) -> None:
+        """Give the signals back to their previous handlers."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 @dataclass
@@ -169,20 +190,20 @@ class Boot:
     not started yet. The daemon takes them over with `take`."""
 
     config: Config
+    signals: KeptSignals
     resources: Resources | None = None
+    database: Database | None = None
+    """The history, opened already when its file existed."""
     runs: list[EarlyRun] = field(default_factory=list)
-    signals: list[int] = field(default_factory=list)
-    """The daemon's signals that arrived before it handled them itself,
-    in order. It acts on them once it does."""
-    previous_handlers: dict[int, Any] = field(default_factory=dict)
 
-    def take(self) -> tuple[Resources, list[EarlyRun]]:
-        """Hand the resources and the runs over to their new owner."""
+    def take(self) -> tuple[Resources, Database | None, list[EarlyRun]]:
+        """Hand the resources, the history and the runs over to their new
+        owner."""
         if self.resources is None:
             raise RuntimeError("the boot's resources were taken already")
-        resources, runs = self.resources, self.runs
-        self.resources, self.runs = None, []
-        return resources, runs
+        taken = (self.resources, self.database, self.runs)
+        self.resources, self.database, self.runs = None, None, []
+        return taken
 
     def close(self) -> None:
         """End whatever was not taken over, and give the daemon's signals
@@ -190,41 +211,41 @@ class Boot:
         for run in self.runs:
             run.end()
         self.runs = []
+        if self.database is not None:
+            self.database.close()
+            self.database = None
         if self.resources is not None:
             self.resources.close()
             self.resources = None
-        for signum, handler in self.previous_handlers.items():
-            signal.signal(signum, handler)
-        self.previous_handlers = {}
+        self.signals.restore()
 
 
-def boot(config: Config) -> Boot:
+def boot(config: Config, signals: KeptSignals | None = None) -> Boot:
     """Take the daemon's resources and start the first run of each
     always-running project that can start now.
 
-    From here until the daemon handles them itself, SIGTERM, SIGINT and
-    SIGHUP are kept for it: the default action would end this process and
-    leave the runs started here unsupervised.
+    The daemon's signals are kept from here on, or from when `signals`
+    began keeping them, until the daemon handles them itself.
 
-    Raises StoreError or ControlError, as `take_resources` does.
+    Raises StoreError or ControlError, as `take_resources` does, and
+    StoreError when the history cannot be opened: no run starts then.
     """
-    started = Boot(config)
-
-    def keep(signum: int, _frame: object) -> None:
-        started.signals.append(signum)
-
-    for daemon_signal in DAEMON_SIGNALS:
-        started.previous_handlers[daemon_signal] = signal.signal(daemon_signal, keep)
+    started = Boot(config, signals or KeptSignals())
     started.resources = take_resources(config)
     try:
-        started.runs = _start_runs(config)
+        database_path = Path(config.runvisor.data_dir) / DATABASE_NAME
+        # A new data dir gets its history from the daemon: creating the
+        # schema imports sqlite-utils, which takes 35 ms.
+        if database_path.exists():
+            started.database = Database.open(database_path)
+        started.runs = _start_runs(config, started.database)
     except BaseException:
         started.close()
         raise
     return started
 
 
-def _start_runs(config: Config) -> list[EarlyRun]:
+def _start_runs(config: Config, database: Database | None) -> list[EarlyRun]:
     plain = {
         name: env
         for name, project in config.projects.items()
@@ -237,9 +258,7 @@ def _start_runs(config: Config) -> list[EarlyRun]:
     data_dir = Path(config.runvisor.data_dir)
     if find_processes({DATA_DIR_VARIABLE: str(data_dir)}):
         return []  # left by an earlier daemon, which the daemon ends first
-    last_id = _last_run_id(data_dir / DATABASE_NAME)
-    if last_id is None:
-        return []
+    last_id = 0 if database is None else database.max_run_id()
 
     become_subreaper()
     # Each run takes more descriptors once the daemon runs (its log, a
@@ -311,23 +330,3 @@ def _plain_env(project: ProjectConfig) -> tuple[dict[str, str], tuple[str, ...]]
         else:
             variables[name] = mapping
     return variables, tuple(secrets)
-
-
-def _last_run_id(database: Path) -> int | None:
-    """Return the highest run id in the history, pruned runs included (the
-    same query as the store's), 0 without a history, or None when it
-    cannot be read."""
-    if not database.exists():
-        return 0
-    try:
-        with contextlib.closing(
-            sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)
-        ) as db:
-            row = db.execute(
-                "SELECT max("
-                " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'runs'), 0),"
-                " coalesce((SELECT max(id) FROM runs), 0))"
-            ).fetchone()
-    except sqlite3.Error:
-        return None
-    return int(row[0])

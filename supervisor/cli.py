@@ -58,7 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Before anything imports trio or sqlite-utils.
     defer()
-    from supervisor.boot import boot
+    from supervisor.boot import KeptSignals, boot
+
+    signals = KeptSignals()
     from supervisor.config import find_config_path, load_config
     from supervisor.errors import ConfigError, StoreError
 
@@ -71,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         # The always-running projects start while trio and the daemon's
         # modules are imported.
-        booted = boot(config)
+        booted = boot(config, signals)
     except StoreError as error:
         print(f"runvisor: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -45,11 +45,13 @@ from supervisor.credentials import (
     credential_warnings,
     known_credentials,
 )
+from supervisor.database import Database
 from supervisor.env_file import remove_env_file
 from supervisor.logs import Hub
 from supervisor.manager import Manager
-from supervisor.model import ReloadEvent
+from supervisor.model import ReloadEvent, RunRecord, RunStatus, RunTrigger
 from supervisor.process import (
+    LeftoverRun,
     StopSettings,
     adopt_process,
     end_leftover_runs,
@@ -152,13 +154,16 @@ class Daemon:
     ) -> None:
         """Run until SIGTERM, SIGINT or `request_shutdown`."""
         early: list[EarlyRun] = []
+        database: Database | None = None
         if self._boot is not None:
-            resources, early = self._boot.take()
+            resources, database, early = self._boot.take()
         else:
             resources = await trio.to_thread.run_sync(take_resources, self.config)
         try:
             self._key_environment = resources.key_environment
-            store = Store.open(self.data_dir / DATABASE_NAME)
+            if database is None:
+                database = Database.open(self.data_dir / DATABASE_NAME)
+            store = Store(database)
         except BaseException:
             for run in early:
                 run.end()
@@ -192,14 +197,16 @@ class Daemon:
                     if self._boot is not None:
                         # Those that came before the event loop ran: sent
                         # again, so that the receiver gets them.
-                        for signum in self._boot.signals:
+                        for signum in self._boot.signals.received:
                             os.kill(os.getpid(), signum)
                     async with trio.open_nursery() as services:
                         manager = Manager(self.config, context)
                         self.manager = manager
                         await services.start(manager.run)
                         # A project takes its early run as it starts.
-                        self._discard_unclaimed(started_runs)
+                        self._discard_unclaimed(
+                            started_runs, "its project did not start with it"
+                        )
                         await services.start(
                             ControlServer(self).serve, resources.control
                         )
@@ -220,7 +227,9 @@ class Daemon:
                         services.cancel_scope.cancel()
                 root.cancel_scope.cancel()
         finally:
-            self._discard_unclaimed(started_runs)
+            self._discard_unclaimed(
+                started_runs, "the daemon stopped before its project started"
+            )
             store.close()
             resources.close()
         logger.info("stopped")
@@ -248,7 +257,8 @@ class Daemon:
                 )
                 for name, project in self.config.projects.items()
             }
-            await end_leftover_runs(self.data_dir, stop_settings)
+            leftovers = await end_leftover_runs(self.data_dir, stop_settings)
+            self._record_unrecorded(store, leftovers)
         # No run of this daemon has started yet, so a `.env.local` here belongs
         # to no run, most likely one of a daemon killed during a run; those
         # of the runs started before the event loop are new.
@@ -265,6 +275,39 @@ class Daemon:
                 record.project,
                 record.id,
                 record.pid,
+            )
+
+    def _record_unrecorded(self, store: Store, leftovers: list[LeftoverRun]) -> None:
+        """Record as lost the leftover runs that have no history row.
+
+        A run started before the event loop, or held for its fire time, is
+        recorded after its start; a daemon killed in between leaves none.
+        Their ids are above every stored one, and are not handed out again.
+        """
+        now = datetime.now(UTC)
+        last_stored = store.last_run_id
+        for leftover in leftovers:
+            try:
+                run_id = int(leftover.run_id)
+                trigger = RunTrigger(leftover.trigger)
+            except ValueError:
+                continue
+            if run_id <= last_stored:
+                continue
+            store.reserve_run_ids(run_id)
+            store.put_run(
+                RunRecord(
+                    id=run_id,
+                    project=leftover.project,
+                    trigger=trigger,
+                    status=RunStatus.LOST,
+                    started_at=now,
+                    ended_at=now,
+                    reason=(
+                        "the daemon stopped before it recorded the run; its "
+                        "processes were ended at the next start"
+                    ),
+                )
             )
 
     def _adopt(self, early: list[EarlyRun], store: Store) -> dict[str, PreparedRun]:
@@ -294,7 +337,9 @@ class Daemon:
             )
         return adopted
 
-    def _discard_unclaimed(self, started_runs: dict[str, PreparedRun]) -> None:
+    def _discard_unclaimed(
+        self, started_runs: dict[str, PreparedRun], reason: str
+    ) -> None:
         """End the early runs that no project took over."""
         while started_runs:
             name, run = started_runs.popitem()
@@ -302,10 +347,10 @@ class Daemon:
             if not run.project.keep_env_file:
                 remove_env_file(run.spec.cwd)
             logger.info(
-                "early run discarded: project=%s run=%d its project did not "
-                "start with it; the run id is skipped",
+                "early run discarded: project=%s run=%d %s; the run id is skipped",
                 name,
                 run.run_id,
+                reason,
             )
 
     async def _open_credentials(self, config: Config) -> BackendCredentials:

@@ -42,6 +42,7 @@ from supervisor.spawn import (
     can_hold,
     find_processes,
     is_subreaper,
+    kill_run,
     program_path,
     resolve_argv,
     spawn_leader,
@@ -510,14 +511,14 @@ class StartedProcess:
 
     def discard(self) -> None:
         """End a leader that was not handed to `open_process`: kill its
-        group, and reap it in the background."""
+        group and the processes that left it, and reap it in the
+        background."""
         self._close_gate()
         if self._taken:
             return
         self._taken = True
         leader, stdout, stderr = self._started
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(leader.pid, signal.SIGKILL)
+        kill_run(leader.pid, self.spec.markers)
 
         async def reap() -> None:
             # Shielded and bounded: SIGKILL ends a process blocked in `read`
@@ -853,9 +854,19 @@ class StopSettings:
     timeout: float = 5.0
 
 
+@dataclass(frozen=True)
+class LeftoverRun:
+    """A run of a daemon that died, found by its processes' markers."""
+
+    project: str
+    run_id: str
+    trigger: str
+    pids: tuple[int, ...]
+
+
 async def end_leftover_runs(
     data_dir: str | Path, settings: Mapping[str, StopSettings]
-) -> None:
+) -> list[LeftoverRun]:
     """End every process of every run of the daemon of `data_dir`.
 
     Call it at start-up, before any run starts: a process marked with the
@@ -865,20 +876,22 @@ async def end_leftover_runs(
     project get its stop signal and stop timeout from `settings`, those of a
     project no longer configured the defaults of `StopSettings`. Such
     processes are no children of this daemon, so they need no reaping.
+    Return the runs found.
     """
     pids = find_processes({DATA_DIR_VARIABLE: str(Path(data_dir))})
     if not pids:
-        return
-    by_run: dict[tuple[str, str], list[int]] = {}
+        return []
+    by_run: dict[tuple[str, str, str], list[int]] = {}
     for pid in pids:
         environ = _read_environ(pid)
         key = (
             environ.get("RUNVISOR_PROJECT", "?"),
             environ.get("RUNVISOR_RUN_ID", "?"),
+            environ.get("RUNVISOR_TRIGGER", "?"),
         )
         by_run.setdefault(key, []).append(pid)
     async with trio.open_nursery() as nursery:
-        for (project, run_id), run_pids in sorted(by_run.items()):
+        for (project, run_id, _), run_pids in sorted(by_run.items()):
             logger.warning(
                 "ending %d leftover processes of lost run: project=%s run=%s pids=%s",
                 len(run_pids),
@@ -888,6 +901,10 @@ async def end_leftover_runs(
             )
             stop = settings.get(project, StopSettings())
             nursery.start_soon(end_processes, run_pids, stop.timeout, stop.signal)
+    return [
+        LeftoverRun(project, run_id, trigger, tuple(run_pids))
+        for (project, run_id, trigger), run_pids in sorted(by_run.items())
+    ]
 
 
 def _read_environ(pid: int) -> dict[str, str]:

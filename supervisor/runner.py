@@ -903,11 +903,14 @@ class ProjectRunner:
                 # held, before it is released): after a crash it is what
                 # marks the run lost, and its fire time keeps a catch-up from
                 # running that fire time again. A database locked for longer
-                # delays the start only this long. (A run started before the
-                # event loop exists already; its processes carry the data
-                # dir's marker, by which the next start ends them.)
-                with trio.move_on_after(ROW_BEFORE_SPAWN_SECONDS):
-                    await context.store.flush()
+                # delays the start only this long. A run started before the
+                # event loop runs already, and its processes carry the data
+                # dir's marker, by which the next start ends them. It goes
+                # on without a checkpoint, so that a stop from here on ends
+                # it the usual way, with what left its group and its output.
+                if prepared is None or isinstance(prepared, HeldRun):
+                    with trio.move_on_after(ROW_BEFORE_SPAWN_SECONDS):
+                        await context.store.flush()
                 if prepared is not None and active.stop_reason is None:
                     prepared.process.release()
                     # Runs released together wake up from the same commit:

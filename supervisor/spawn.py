@@ -10,6 +10,7 @@ is started here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -17,6 +18,7 @@ import re
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -323,6 +325,18 @@ def find_processes(
         if wanted <= variables:
             found.append(pid)
     return found
+
+
+def kill_run(leader: int, markers: Mapping[str, str]) -> None:
+    """Send SIGKILL to a run's process group and to the processes that
+    carry its markers outside the group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader, signal.SIGKILL)
+    if not markers:
+        return
+    for pid in find_processes(markers):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def run_spec(

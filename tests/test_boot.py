@@ -23,10 +23,10 @@ import trio
 from supervisor.boot import DAEMON_SIGNALS, DATABASE_NAME, boot
 from supervisor.config import load_config
 from supervisor.daemon import Daemon
+from supervisor.database import Database
 from supervisor.errors import ControlError, StoreError
 from supervisor.model import RunRecord, RunStatus, RunTrigger
 from supervisor.process import is_alive
-from supervisor.store import Database
 
 from .daemon_process import DaemonProcess, wait_until
 from .helpers import runvisor_argv
@@ -176,15 +176,16 @@ def test_boot_waits_for_leftovers(
         leftover.wait()
 
 
-def test_boot_skips_unreadable_history(tmp_path: Path) -> None:
+def test_boot_refuses_unreadable_history(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, mixed_projects(tmp_path)))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / DATABASE_NAME).write_bytes(b"not a database, " * 100)
-    booted = boot(config)
-    try:
-        assert booted.runs == []
-    finally:
-        booted.close()
+    with pytest.raises(StoreError, match="Cannot open the database"):
+        boot(config)
+    assert not (tmp_path / "plain" / "started").exists()
+    # Nothing stays taken: a second try gets as far again.
+    with pytest.raises(StoreError, match="Cannot open the database"):
+        boot(config)
 
 
 def test_second_boot_refused(
@@ -303,9 +304,9 @@ def plain_daemon(tmp_path: Path) -> tuple[DaemonProcess, Path]:
     return daemon, folder
 
 
-def test_failed_start_ends_early_runs(tmp_path: Path) -> None:
+def test_newer_history_starts_nothing(tmp_path: Path) -> None:
     daemon, folder = plain_daemon(tmp_path)
-    # A history of a newer runvisor: readable, but the daemon refuses it.
+    # A history of a newer runvisor, which this one refuses.
     Database.open(daemon.data_dir / DATABASE_NAME).close()
     with sqlite3.connect(daemon.data_dir / DATABASE_NAME) as database:
         database.execute("PRAGMA user_version = 99")
@@ -318,9 +319,40 @@ def test_failed_start_ends_early_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "newer runvisor" in result.stderr
-    pid = int(started_line(folder)[0])
-    assert not is_alive(pid)
+    assert not (folder / "started").exists()
     assert not (folder / ".env.local").exists()
+
+
+def test_failed_start_ends_escaped_processes(tmp_path: Path) -> None:
+    # The run leaves its group, ignoring SIGTERM, as a daemonizing script
+    # would; the early run's end must find it by its markers.
+    folder = make_project(
+        tmp_path,
+        "plain",
+        SCRIPT.replace(
+            "exec sleep 1000",
+            'setsid bash -c \'trap "" TERM; echo $$ > escaped; exec -a '
+            "t0-boot-escaped sleep 1000' &\nexec sleep 1000",
+        ),
+    )
+    config = load_config(
+        write_config(
+            tmp_path,
+            f"""
+            [projects.plain]
+            path = "{folder}"
+            trigger = "always_running"
+            """,
+        )
+    )
+    booted = boot(config)
+    escaped = folder / "escaped"
+    wait_until(lambda: escaped.exists() and escaped.read_text().endswith("\n"))
+    leader = booted.runs[0].popen.pid
+    booted.close()
+    assert not is_alive(leader)
+    # SIGKILL reaches it at once, but its end may take a moment.
+    wait_until(lambda: not is_alive(int(escaped.read_text())), timeout=5)
 
 
 def daemon_argv(daemon: DaemonProcess) -> list[str]:
@@ -389,3 +421,32 @@ async def test_unclaimed_early_run_ended(
         ) in caplog.text
         daemon.request_shutdown()
     booted.close()
+
+
+def test_unrecorded_leftover_recorded_lost(tmp_path: Path) -> None:
+    daemon, folder = plain_daemon(tmp_path)
+    booted = boot(load_config(daemon.config))
+    early = booted.runs[0]
+    pid = int(started_line(folder)[0])
+    # As if the daemon died right after starting the run, before its row.
+    booted.runs = []
+    booted.close()
+    (folder / "started").unlink()
+    daemon.start()
+    try:
+        new_pid = int(started_line(folder)[0])
+        runs = wait_until(
+            lambda: len(history(daemon, "plain")) == 2 and history(daemon, "plain")
+        )
+        assert [(run["id"], run["trigger"], run["status"]) for run in runs] == [
+            (2, "startup", "running"),
+            (1, "startup", "lost"),
+        ]
+        assert "before it recorded the run" in runs[1]["reason"]
+        assert new_pid != pid
+        assert not is_alive(pid)
+    finally:
+        daemon.stop()
+        early.popen.wait()
+        os.close(early.stdout)
+        os.close(early.stderr)
