@@ -11,6 +11,8 @@ Signals: SIGTERM and SIGINT stop every run (whole process groups) and exit
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -63,6 +65,11 @@ from supervisor.spawn import become_subreaper
 from supervisor.store import Store
 
 logger = logging.getLogger(__name__)
+
+# Seconds after READY=1 until start-up counts as over, for
+# `_release_start_up_memory`: runs have started and taken their first
+# steps by then.
+START_UP_SETTLE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +226,7 @@ class Daemon:
                             os.getpid(),
                         )
                         notify_systemd("READY=1")
+                        services.start_soon(self._release_start_up_memory)
                         task_status.started(self)
                         await self._shutdown.wait()
                         logger.info("stopping: every project")
@@ -233,6 +241,19 @@ class Daemon:
             store.close()
             resources.close()
         logger.info("stopped")
+
+    async def _release_start_up_memory(self) -> None:
+        """Once start-up has settled, give the memory that its short-lived
+        objects left free back to the system, once.
+
+        Starting 100 runs leaves about 0.5 MiB free but held in the C
+        allocator's lists, which a daemon that then idles for months never
+        reuses. glibc's `malloc_trim` releases it; elsewhere this does
+        nothing.
+        """
+        await trio.sleep(START_UP_SETTLE_SECONDS)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
 
     async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
