@@ -246,10 +246,10 @@ class Daemon:
         """Once start-up has settled, give the memory that its short-lived
         objects left free back to the system, once.
 
-        Starting 100 runs leaves about 0.5 MiB free but held in the C
-        allocator's lists, which a daemon that then idles for months never
-        reuses. glibc's `malloc_trim` releases it; elsewhere this does
-        nothing.
+        Starting 100 runs left about 0.5 MiB free but held in the C
+        allocator's lists (measured in bench/), which an idle daemon may
+        never use again. glibc's `malloc_trim` releases it; elsewhere this
+        does nothing.
         """
         await trio.sleep(START_UP_SETTLE_SECONDS)
         with contextlib.suppress(OSError, AttributeError):
