@@ -137,7 +137,9 @@ def _lock(path: Path) -> int:
         ) from None
     except OSError as error:
         raise ControlError(
-            f"Cannot open the lock file {lock_path}: {error.strerror or error}."
+            f"Cannot open the lock file {lock_path}: {error.strerror or error}. "
+            "Make its folder writable, or set [runvisor] socket to a path in "
+            "a folder of your own."
         ) from None
 
 

@@ -328,12 +328,22 @@ class Database:
         return {row["project"]: _to_run(row) for row in rows}
 
     def max_run_id(self) -> int:
-        """Return the highest run id ever stored, pruned runs included, or 0."""
-        rows = self._query(
-            "SELECT max("
-            " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'runs'), 0),"
-            " coalesce((SELECT max(id) FROM runs), 0)) AS max_id"
-        )
+        """Return the highest run id ever stored, pruned runs included, or 0.
+
+        Raises StoreError when the file cannot be read.
+        """
+        try:
+            rows = self._query(
+                "SELECT max("
+                " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'runs'), 0),"
+                " coalesce((SELECT max(id) FROM runs), 0)) AS max_id"
+            )
+        except sqlite3.Error as error:
+            raise StoreError(
+                f"Cannot read the run history in {self.path}: {error}. If the "
+                "file is damaged, move it aside (the daemon then starts a new "
+                "history) or restore it from a backup."
+            ) from None
         return int(rows[0]["max_id"])
 
     def write_batch(self, runs: list[RunRecord], events: list[RunEvent]) -> None:

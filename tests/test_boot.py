@@ -450,3 +450,16 @@ def test_unrecorded_leftover_recorded_lost(tmp_path: Path) -> None:
         early.popen.wait()
         os.close(early.stdout)
         os.close(early.stderr)
+
+
+def test_boot_refuses_damaged_history(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, mixed_projects(tmp_path)))
+    path = tmp_path / "data" / DATABASE_NAME
+    Database.open(path).close()
+    with path.open("r+b") as file:
+        # Over the pages of the runs table, past the file's header page.
+        file.seek(4096)
+        file.write(b"\xff" * 3000)
+    with pytest.raises(StoreError, match="move it aside"):
+        boot(config)
+    assert not (tmp_path / "plain" / "started").exists()
