@@ -5,8 +5,8 @@ Most of the time `serve` takes to get 100 always-running projects running
 is fixed cost: the interpreter, trio and the daemon's modules take about
 0.2 s to import, and starting 100 bash scripts takes as long again on two
 cores. So `serve` first loads the config, takes the control socket and the
-data dir's lock, and starts the leaders of the always-running projects;
-it imports the rest while they start. The daemon then takes each one over
+data dir's lock, and starts the leaders of the always-running projects.
+It imports the rest while they start. The daemon then takes each one over
 as the first run of its project (trigger `startup`) and reads what it
 printed meanwhile from its pipes.
 
@@ -65,7 +65,8 @@ DAEMON_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 @dataclass
 class Resources:
-    """What a daemon holds for its lifetime, taken before it starts any run."""
+    """The resources a daemon keeps for its lifetime, taken before it starts
+    any run."""
 
     control: ControlSocket
     data_lock: int

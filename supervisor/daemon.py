@@ -125,7 +125,7 @@ class Daemon:
         credentials: CredentialLookup | None = None,
         boot: Boot | None = None,
     ) -> None:
-        """`boot` holds what `runvisor serve` took and started before the
+        """`boot` contains what `runvisor serve` took and started before the
         event loop ran, for the config of `config_path` that it loaded."""
         self.config_path = config_path
         self.clock = clock or SystemClock()

@@ -1,4 +1,5 @@
-"""What a run's leader is started with, and starting it.
+"""The start of a run's leader: its spec, its environment, and the
+`subprocess.Popen` call.
 
 A run's leader is started as the leader of a new session, with its output
 on two new pipes, from the daemon's own thread with `subprocess.Popen`
@@ -250,14 +251,13 @@ def check_descriptors() -> None:
     After a count, the next checks pass without counting, up to half the
     spawns that the free room fits at SPAWN_DESCRIPTORS each.
     """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return
     if _descriptors.checks_left > 0:
         _descriptors.checks_left -= 1
         return
-    in_use = len(os.listdir("/proc/self/fd"))
-    room = soft - in_use - RESERVED_DESCRIPTORS
+    counted = _count_descriptors()
+    if counted is None:
+        return
+    in_use, room = counted
     if room < SPAWN_DESCRIPTORS:
         raise SpawnError(
             "Not started, to keep file descriptors free for the control socket "
@@ -270,11 +270,21 @@ def runs_that_fit() -> int | None:
     """Return how many more runs the file descriptor limit leaves room for,
     at SPAWN_DESCRIPTORS each and with RESERVED_DESCRIPTORS kept free, or
     None when there is no limit."""
+    counted = _count_descriptors()
+    if counted is None:
+        return None
+    _, room = counted
+    return max(0, room // SPAWN_DESCRIPTORS)
+
+
+def _count_descriptors() -> tuple[int, int] | None:
+    """Return the descriptors in use and those free beyond
+    RESERVED_DESCRIPTORS, or None when there is no limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return None
     in_use = len(os.listdir("/proc/self/fd"))
-    return max(0, (soft - in_use - RESERVED_DESCRIPTORS) // SPAWN_DESCRIPTORS)
+    return in_use, soft - in_use - RESERVED_DESCRIPTORS
 
 
 def describe_os_error(error: OSError) -> str:

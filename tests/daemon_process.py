@@ -60,8 +60,8 @@ class DaemonProcess:
             )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            # Ready once it answers: the socket listens (and a connection
-            # waits) while the daemon still starts up.
+            # Ready once it replies to a request. The socket accepts
+            # connections while the daemon is still starting up.
             try:
                 with Client.connect(self.socket) as client:
                     client.request(StatusRequest())
