@@ -548,6 +548,16 @@ def _user_version(conn: sqlite3.Connection) -> int:
 
 
 def _open_error(path: Path, exc: BaseException) -> StoreError:
+    # OperationalError (locked, read-only, disk full, cannot open) is the
+    # file system's; the other DatabaseErrors mean the content is damaged.
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.OperationalError
+    ):
+        return StoreError(
+            f"Cannot open the database at {path}: {exc}. The file is damaged "
+            "or is not a runvisor database: move it aside (the daemon then "
+            "starts a new history) or restore it from a backup."
+        )
     return StoreError(
         f"Cannot open the database at {path}: {exc}. Check that the data dir "
         "is writable and its disk is not full, or set [runvisor] data_dir to "

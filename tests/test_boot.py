@@ -180,8 +180,9 @@ def test_boot_refuses_unreadable_history(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path, mixed_projects(tmp_path)))
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / DATABASE_NAME).write_bytes(b"not a database, " * 100)
-    with pytest.raises(StoreError, match="Cannot open the database"):
+    with pytest.raises(StoreError, match="Cannot open the database") as raised:
         boot(config)
+    assert "move it aside" in str(raised.value)
     assert not (tmp_path / "plain" / "started").exists()
     # Nothing stays taken: a second try gets as far again.
     with pytest.raises(StoreError, match="Cannot open the database"):
